@@ -1,0 +1,159 @@
+"""Runs a step plan on this rank's model shard with mlx-lm's continuous batcher.
+
+mlx-lm's `BatchGenerator` already does what we need per step: one batched decode for the
+running sequences plus one chunk of batched prefill for joining ones, with per-sequence
+samplers, logits processors, stop tokens and removal. Given the same calls in the same
+order, it does the same thing on every rank; that is the whole lock-step contract.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from mlx_cluster.engine.plan import NewSequence, StepPlan
+from mlx_cluster.engine.sampling import make_logits_processors, make_sampler, top_logprobs
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One sampled token of one sequence."""
+
+    seq_id: int
+    token: int
+    finish_reason: str | None  # "stop" (stop token), "length", or None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class ExecutorStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+
+
+class Executor:
+    """Applies plans to the batch and produces this step's tokens."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        vocab_size: int,
+        max_batch_size: int,
+        prefill_batch_size: int,
+        prefill_chunk: int,
+        stream=None,
+        prefix_cache=None,
+    ):
+        self.vocab_size = vocab_size
+        self.generator = BatchGenerator(
+            model,
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=min(prefill_batch_size, max_batch_size),
+            prefill_step_size=prefill_chunk,
+            stream=stream,
+        )
+        self.prefix_cache = prefix_cache
+        self._uid_to_seq: dict[int, NewSequence] = {}
+        self._seq_to_uid: dict[int, int] = {}
+        self.digest = 0  # crc32 chain over every sampled token, compared across ranks
+        self.stats = ExecutorStats()
+
+    @property
+    def active(self) -> int:
+        return len(self._seq_to_uid)
+
+    def apply(self, plan: StepPlan) -> None:
+        """Drop finished or aborted sequences, then add the new ones."""
+        drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]
+        if drop:
+            caches = self.generator.remove(drop, return_prompt_caches=self.prefix_cache is not None)
+            for uid in drop:
+                seq = self._uid_to_seq.pop(uid)
+                del self._seq_to_uid[seq.seq_id]
+                if self.prefix_cache is not None and uid in caches:
+                    self.prefix_cache.on_sequence_done(seq, *caches[uid])
+        if plan.new:
+            self._insert(plan.new)
+
+    def _insert(self, new: tuple[NewSequence, ...]) -> None:
+        prompts, caches, cached_tokens = [], [], []
+        for seq in new:
+            restored = self.prefix_cache.restore(seq) if self.prefix_cache is not None else None
+            if restored is None:
+                prompts.append(list(seq.prompt))
+                caches.append(None)
+                cached_tokens.append([])
+            else:
+                cache, n = restored
+                prompts.append(list(seq.prompt[n:]))
+                caches.append(cache)
+                cached_tokens.append(list(seq.prompt[:n]))
+        uids = self.generator.insert(
+            prompts,
+            max_tokens=[s.params.max_tokens for s in new],
+            caches=caches if any(c is not None for c in caches) else None,
+            all_tokens=cached_tokens,
+            samplers=[make_sampler(s.params, self.vocab_size) for s in new],
+            logits_processors=[make_logits_processors(s.params, len(s.prompt)) for s in new],
+            stop_sequences=[StopSequences([[t] for t in s.params.stop_token_ids] or None) for s in new],
+        )
+        for uid, seq in zip(uids, new):
+            self._uid_to_seq[uid] = seq
+            self._seq_to_uid[seq.seq_id] = uid
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+
+    def step(self) -> list[TokenOutput]:
+        """One batched decode step plus one prefill chunk; the tokens sampled in it."""
+        if not self._seq_to_uid:
+            return []
+        _, responses = self.generator.next()
+        self.stats.steps += 1
+        outputs = []
+        for r in responses:
+            seq = self._uid_to_seq[r.uid]
+            outputs.append(self._output(seq, r))
+            self.digest = zlib.crc32(r.token.to_bytes(4, "little"), self.digest)
+            if r.finish_reason is not None:
+                # The batcher already let go of it; forget it here too.
+                del self._uid_to_seq[r.uid]
+                del self._seq_to_uid[seq.seq_id]
+                if self.prefix_cache is not None and r.prompt_cache is not None:
+                    self.prefix_cache.on_sequence_done(seq, r.prompt_cache, r.all_tokens)
+        self.stats.generation_tokens += len(outputs)
+        return outputs
+
+    def _output(self, seq: NewSequence, r) -> TokenOutput:
+        p = seq.params
+        if not p.logprobs:
+            return TokenOutput(seq.seq_id, r.token, r.finish_reason)
+        logprob = r.logprobs[r.token].item()
+        top = ()
+        if p.top_logprobs:
+            ids, values = top_logprobs(r.logprobs, p.top_logprobs)
+            top = tuple(zip(ids, values))
+        return TokenOutput(seq.seq_id, r.token, r.finish_reason, logprob, top)
+
+    def close(self) -> None:
+        self.generator.close()
+
+
+def warmup(executor: Executor, token_id: int) -> None:
+    """Run one tiny greedy generation end to end so compile and allocation costs happen now."""
+    from mlx_cluster.engine.plan import SamplingParams
+
+    seq = NewSequence(
+        seq_id=(1 << 63), prompt=(token_id, token_id), params=SamplingParams(max_tokens=2, seed=0, temperature=0.0)
+    )
+    executor.apply(StepPlan(step=0, new=(seq,)))
+    for _ in range(16):
+        if not executor.active:
+            break
+        executor.step()
+    executor.digest = 0
+    mx.synchronize()

@@ -1,0 +1,292 @@
+"""Rank 0's side of the engine: requests in, scheduling decisions out, tokens back.
+
+The HTTP thread only calls `submit()` and `abort()`, which put messages in an inbox. Everything
+else runs on the engine thread, so request state needs no locks. Results go back through each
+request's `deliver` callback, which must be thread-safe (the server hands in one that hops
+onto its asyncio loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mlx_cluster.engine.executor import TokenOutput
+from mlx_cluster.engine.output import TextAssembler
+from mlx_cluster.engine.plan import NewSequence, SamplingParams, StepPlan
+from mlx_cluster.engine.scheduler import SchedulerInput, schedule
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    deliver: Callable[[object], None]
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]
+    finish_reason: str | None
+    ts: float
+
+
+@dataclass
+class DoneEvent:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queued_s: float
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+    status: int = 500
+    code: str | None = None
+
+
+@dataclass
+class _Request:
+    req: GenerationRequest
+    open_seqs: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    admitted_at: float | None = None
+
+
+@dataclass
+class _Seq:
+    request: _Request
+    index: int
+    assembler: TextAssembler
+    tokens: int = 0
+    finished: bool = False
+
+
+@dataclass
+class FrontendStats:
+    """Plain counters; server/metrics.py maps them to Prometheus."""
+
+    requests_waiting: int = 0
+    requests_running: int = 0
+    seqs_running: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    aborted_total: int = 0
+    last_step_at: float = 0.0
+    steps_total: int = 0
+
+
+class Frontend:
+    def __init__(self, tokenizer, *, max_batch_size: int, max_new_per_step: int, max_queue: int, prefix_cache=None):
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_new_per_step = max_new_per_step
+        self.max_queue = max_queue
+        self.prefix_cache = prefix_cache
+        self.hidden_ids = set(getattr(tokenizer, "all_special_ids", []) or []) | set(tokenizer.eos_token_ids)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._queued = 0  # requests submitted but not yet admitted; read by the HTTP thread
+        self._open = 0  # requests submitted and not yet finished or aborted
+        self._queued_lock = threading.Lock()
+        self._waiting: deque[NewSequence] = deque()
+        self._seqs: dict[int, _Seq] = {}
+        self._requests: dict[str, _Request] = {}
+        self._running: set[int] = set()
+        self._drop: set[int] = set()
+        self._seq_ids = itertools.count(1)
+        self.shutdown_requested = False
+        self.stats = FrontendStats()
+
+    # ---- HTTP thread ---------------------------------------------------------------
+    def submit(self, req: GenerationRequest) -> bool:
+        """Queue a request; False when the queue is full (the caller answers 429)."""
+        with self._queued_lock:
+            if self._queued >= self.max_queue:
+                return False
+            self._queued += 1
+            self._open += 1
+        self._inbox.put(("submit", req))
+        self._wake.set()
+        return True
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def abort_all(self, message: str) -> None:
+        """End every request with `message` (used when a drain runs out of time)."""
+        self._inbox.put(("abort_all", message))
+        self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    def has_work_threadsafe(self) -> bool:
+        return self._open > 0
+
+    def request_shutdown(self) -> None:
+        self.shutdown_requested = True
+        self._wake.set()
+
+    # ---- engine thread -------------------------------------------------------------
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Sleep while idle; wakes on a new request, an abort or shutdown."""
+        if self._inbox.empty() and not self.shutdown_requested:
+            self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting or self._requests)
+
+    def next_plan(self, step: int, digest: int, kv_tokens_free: int | None = None) -> StepPlan:
+        self._drain_inbox()
+        decision = schedule(
+            SchedulerInput(
+                step=step,
+                waiting=list(self._waiting),
+                running=frozenset(self._running),
+                drop=frozenset(self._drop),
+                max_batch_size=self.max_batch_size,
+                max_new_per_step=self.max_new_per_step,
+                digest=digest,
+                shutdown=self.shutdown_requested and not self._running and not self._waiting,
+                kv_tokens_free=kv_tokens_free,
+            )
+        )
+        now = time.monotonic()
+        for _ in range(decision.admitted):
+            seq = self._waiting.popleft()
+            self._running.add(seq.seq_id)
+            state = self._seqs[seq.seq_id]
+            if state.request.admitted_at is None:
+                state.request.admitted_at = now
+                with self._queued_lock:
+                    self._queued -= 1
+        self._running.difference_update(decision.plan.drop)
+        self._drop.clear()
+        self._update_stats()
+        return decision.plan
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._add(item)
+            elif kind == "abort":
+                self._abort(item)
+            else:
+                for request in list(self._requests.values()):
+                    request.req.deliver(ErrorEvent(item, 503, "shutting_down"))
+                    self._abort(request.req.request_id)
+
+    def _add(self, req: GenerationRequest) -> None:
+        request = _Request(req, open_seqs=req.n)
+        self._requests[req.request_id] = request
+        for index in range(req.n):
+            seq_id = next(self._seq_ids)
+            params = req.params
+            if index:
+                # n > 1: independent samples of the same prompt, still reproducible from the seed.
+                params = SamplingParams(**{**params.__dict__, "seed": (params.seed + index) & 0xFFFFFFFFFFFFFFFF})
+            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params)
+            if self.prefix_cache is not None:
+                seq = self.prefix_cache.plan_sequence(seq)
+                request.cached_tokens += self.prefix_cache.cached_tokens(seq)
+            assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
+            self._seqs[seq_id] = _Seq(request, index, assembler)
+            self._waiting.append(seq)
+
+    def _abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self.stats.aborted_total += 1
+        with self._queued_lock:
+            self._open -= 1
+            if request.admitted_at is None:
+                self._queued -= 1
+        for seq_id, seq in list(self._seqs.items()):
+            if seq.request is request:
+                del self._seqs[seq_id]
+                if seq_id in self._running:
+                    self._drop.add(seq_id)
+        self._waiting = deque(s for s in self._waiting if s.seq_id in self._seqs)
+
+    def emit(self, outputs: list[TokenOutput]) -> None:
+        """Deliver this step's tokens; sequences that hit a stop string are dropped next step."""
+        now = time.monotonic()
+        self.stats.last_step_at = now
+        self.stats.steps_total += 1
+        for out in outputs:
+            seq = self._seqs.get(out.seq_id)
+            if out.finish_reason is not None:
+                self._running.discard(out.seq_id)
+            if seq is None or seq.finished:
+                continue  # aborted, or the extra token computed after a stop string
+            seq.tokens += 1
+            seq.request.completion_tokens += 1
+            self.stats.generation_tokens_total += 1
+            text, stopped = seq.assembler.add(out.token)
+            finish = out.finish_reason
+            if stopped and finish is None:
+                finish = "stop"
+                self._drop.add(out.seq_id)
+            if finish is not None:
+                text += seq.assembler.finish() if not stopped else ""
+                seq.finished = True
+            logprobs = [(out.token, out.logprob, out.top_logprobs)] if out.logprob is not None else []
+            seq.request.req.deliver(TokenEvent(seq.index, text, [out.token], logprobs, finish, now))
+            if finish is not None:
+                self._finish_seq(out.seq_id, seq)
+        self._update_stats()
+
+    def _finish_seq(self, seq_id: int, seq: _Seq) -> None:
+        del self._seqs[seq_id]
+        request = seq.request
+        request.open_seqs -= 1
+        if request.open_seqs == 0:
+            self._requests.pop(request.req.request_id, None)
+            with self._queued_lock:
+                self._open -= 1
+            req = request.req
+            self.stats.prompt_tokens_total += len(req.prompt) * req.n
+            queued = (request.admitted_at or req.arrival) - req.arrival
+            req.deliver(DoneEvent(len(req.prompt) * req.n, request.completion_tokens, request.cached_tokens, queued))
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """The engine cannot go on: end every request with an error instead of leaving it hanging."""
+        self._drain_inbox()
+        for request in list(self._requests.values()):
+            request.req.deliver(ErrorEvent(message, status, "engine_unavailable"))
+        self._requests.clear()
+        with self._queued_lock:
+            self._queued = self._open = 0
+        self._seqs.clear()
+        self._waiting.clear()
+        self._running.clear()
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.requests_running = sum(1 for r in self._requests.values() if r.admitted_at is not None)
+        s.requests_waiting = len(self._requests) - s.requests_running
+        s.seqs_running = len(self._running)

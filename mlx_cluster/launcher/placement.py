@@ -1,0 +1,169 @@
+"""Where each rank runs and the environment mx.distributed reads there.
+
+Pure functions of the config: rank numbering follows the host order; each backend gets the
+variables `mlx.launch` would set (see mlx/_distributed_utils/launch.py):
+
+* ring: MLX_RANK, MLX_HOSTFILE -> JSON list per rank of "ip:port" (one port per connection)
+* jaccl / jaccl-ring: MLX_RANK, MLX_JACCL_COORDINATOR, MLX_IBV_DEVICES -> N x N JSON matrix
+* nccl: MLX_RANK, MLX_WORLD_SIZE, NCCL_HOST_IP, NCCL_PORT, CUDA_VISIBLE_DEVICES (one GPU per rank)
+
+Variables that must name a file are shipped as content in MLX_CLUSTER_FILES and written to
+a temporary file by the rank itself, so the same mechanism works on remote hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+
+from mlx_cluster.config import ClusterConfig, ConfigError, HostSection
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    rank: int
+    host: HostSection
+    local_index: int  # which of its host's ranks this is
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return self.host.is_local
+
+
+@dataclass(frozen=True)
+class Placement:
+    world_size: int
+    backend: str
+    ranks: tuple[RankSpec, ...]
+    doorbell: tuple[str, int]  # rank 0's address for the bus doorbell
+    ports: tuple[tuple[str, int], ...]  # every (ip, port) the group will listen on
+
+
+def _ips(host: HostSection, index: int, backend: str) -> list[str]:
+    if host.ips:
+        return host.ips
+    if host.is_local:
+        return ["127.0.0.1"]
+    raise ConfigError(
+        f"hosts[{index}] ({host.host}): the {backend} backend needs the IP addresses the ranks talk over; "
+        f"add ips: [x.x.x.x] to that host"
+    )
+
+
+def plan_placement(config: ClusterConfig) -> Placement:
+    hosts = config.host_list()
+    backend = config.cluster.backend
+    base = config.cluster.base_port
+    specs: list[tuple[int, HostSection, int]] = []
+    for index, host in enumerate(hosts):
+        for local_index in range(host.ranks):
+            specs.append((index, host, local_index))
+    world = len(specs)
+    ips0 = _ips(hosts[0], 0, backend) if world > 1 else ["127.0.0.1"]
+    ports: list[tuple[str, int]] = []
+    common: dict[str, str] = {}
+    per_rank: list[dict[str, str]] = [{} for _ in specs]
+    next_port = base
+
+    if world > 1 and backend == "ring":
+        ring = []
+        for host_index, host, _ in specs:
+            entries = []
+            for ip in _ips(host, host_index, backend):
+                for _ in range(config.cluster.connections_per_ip):
+                    entries.append(f"{ip}:{next_port}")
+                    ports.append((ip, next_port))
+                    next_port += 1
+            ring.append(entries)
+        common["MLX_CLUSTER_FILES"] = json.dumps({"MLX_HOSTFILE": json.dumps(ring)})
+    elif world > 1 and backend in ("jaccl", "jaccl-ring"):
+        _check_rdma(hosts, specs, backend)
+        matrix = [host.rdma for _, host, _ in specs]
+        common["MLX_JACCL_COORDINATOR"] = f"{ips0[0]}:{next_port}"
+        common["MLX_CLUSTER_FILES"] = json.dumps({"MLX_IBV_DEVICES": json.dumps(matrix)})
+        if backend == "jaccl-ring":
+            common["MLX_JACCL_RING"] = "1"
+        ports.append((ips0[0], next_port))
+        next_port += 1
+    elif world > 1 and backend == "nccl":
+        common.update({"NCCL_HOST_IP": ips0[0], "NCCL_PORT": str(next_port), "MLX_WORLD_SIZE": str(world)})
+        ports.append((ips0[0], next_port))
+        next_port += 1
+        for i, (_, host, local_index) in enumerate(specs):
+            gpus = host.gpus if host.gpus is not None else list(range(host.ranks))
+            if local_index >= len(gpus):
+                raise ConfigError(f"host {host.host} runs {host.ranks} ranks but lists only {len(gpus)} gpus")
+            per_rank[i]["CUDA_VISIBLE_DEVICES"] = str(gpus[local_index])
+    elif world > 1 and backend == "mpi":
+        raise ConfigError("cluster.backend: mpi is started by mpirun, not by mlx-cluster; use ring, jaccl or nccl")
+
+    doorbell = (ips0[0], next_port)
+    if world > 1:
+        ports.append(doorbell)
+    ranks = []
+    for i, (_, host, local_index) in enumerate(specs):
+        env = {
+            **common,
+            **per_rank[i],
+            "MLX_RANK": str(i),
+            "MLX_CLUSTER_WORLD_SIZE": str(world),
+            "MLX_CLUSTER_BACKEND": backend,
+            "MLX_CLUSTER_DOORBELL": f"{doorbell[0]}:{doorbell[1]}",
+        }
+        ranks.append(RankSpec(rank=i, host=host, local_index=local_index, env=env))
+    return Placement(world, backend, tuple(ranks), doorbell, tuple(ports))
+
+
+def _check_rdma(hosts, specs, backend: str) -> None:
+    n = len(specs)
+    for index, host in enumerate(hosts):
+        if host.ranks != 1:
+            raise ConfigError(f"hosts[{index}]: the {backend} backend runs one rank per host (ranks: 1)")
+        if len(host.rdma) != n:
+            raise ConfigError(f"hosts[{index}].rdma must list {n} entries (one per rank, null for itself)")
+        if host.rdma[index] is not None:
+            raise ConfigError(f"hosts[{index}].rdma[{index}] must be null: a host has no RDMA link to itself")
+    ring = backend == "jaccl-ring"
+    for i, host in enumerate(hosts):
+        peers = ((i - 1) % n, (i + 1) % n) if ring else range(n)
+        for j in peers:
+            if j != i and host.rdma[j] is None:
+                raise ConfigError(f"hosts[{i}].rdma[{j}]: no RDMA device from {host.host} to {hosts[j].host}")
+
+
+def write_hostfile(config: ClusterConfig) -> str:
+    """mlx.launch's hostfile format: one entry per rank, with the backend and env."""
+    placement = plan_placement(config)
+    hosts = []
+    for spec in placement.ranks:
+        entry = {"ssh": spec.host.host, "ips": spec.host.ips or (["127.0.0.1"] if spec.is_local else [])}
+        if spec.host.rdma:
+            entry["rdma"] = spec.host.rdma
+        hosts.append(entry)
+    envs = [f"{k}={v}" for k, v in sorted(config.cluster.env.items())]
+    return json.dumps({"backend": config.cluster.backend, "envs": envs, "hosts": hosts}, indent=2) + "\n"
+
+
+def check_local_ports(placement: Placement) -> None:
+    """Fail early, naming the port, if a port the group needs on this machine is taken."""
+    local_ips = {"127.0.0.1", "::1", "0.0.0.0"}
+    local_ips.update(ip for spec in placement.ranks if spec.is_local for ip in spec.host.ips)
+    for ip, port in placement.ports:
+        if ip not in local_ips:
+            continue
+        check_port_free(ip, port, f"cluster.base_port range ({ip}:{port})")
+
+
+def check_port_free(ip: str, port: int, what: str) -> None:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError as e:
+            raise ConfigError(
+                f"{what}: port {port} on {ip} is not available ({e.strerror}); "
+                f"stop what uses it or choose another with --set cluster.base_port=N / server.port=N"
+            ) from None

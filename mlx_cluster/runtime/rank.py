@@ -1,0 +1,303 @@
+"""One rank of the cluster: `python -m mlx_cluster.runtime.rank`, started by the launcher.
+
+Every rank joins the mx.distributed group, loads its shard of the model and runs the same
+engine loop on an engine thread. Rank 0 also serves HTTP on the main thread (uvicorn) and
+schedules. The launcher passes everything through environment variables (see
+`launcher/placement.py`), never through the command line, so no secret shows up in `ps`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from mlx_cluster.config import ClusterConfig, config_from_json
+
+log = logging.getLogger("mlx_cluster.rank")
+
+EXIT_ENGINE_FAILED = 70
+
+
+class RankContext:
+    """What this process is: its rank, the group, the config and rank 0's shared server state."""
+
+    def __init__(self, config: ClusterConfig, rank: int, world_size: int, environ=os.environ):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.doorbell_addr = environ.get("MLX_CLUSTER_DOORBELL", "127.0.0.1:0")
+        self.bus_token = environ.get("MLX_CLUSTER_BUS_TOKEN", "")
+        http_fd = environ.get("MLX_CLUSTER_HTTP_FD")
+        self.http_fd = int(http_fd) if http_fd else None
+        parent = environ.get("MLX_CLUSTER_PARENT_PID")
+        self.parent_pid = int(parent) if parent else None
+        self.watch_stdin = environ.get("MLX_CLUSTER_WATCH_STDIN") == "1"
+        self.backend = environ.get("MLX_CLUSTER_BACKEND", config.cluster.backend)
+        self.group = None
+        self.state = None  # ServerState on rank 0
+        self.frontend = None
+        self.engine = None
+        self.uvicorn_server = None
+        self.exit_code = 0
+
+
+def materialize_files(environ=os.environ) -> None:
+    """Backends read some settings from files (MLX_HOSTFILE, MLX_IBV_DEVICES): write them here,
+    on the rank's own machine, from the content the launcher shipped in MLX_CLUSTER_FILES."""
+    import json
+    import tempfile
+
+    for name, content in json.loads(environ.get("MLX_CLUSTER_FILES", "{}")).items():
+        fd, path = tempfile.mkstemp(prefix=f"mlx-cluster-{name.lower()}-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        environ[name] = path
+
+
+def init_group(ctx: RankContext):
+    import mlx.core as mx
+
+    if ctx.world_size == 1:
+        return mx.distributed.init()
+    group = mx.distributed.init(backend=ctx.backend, strict=True)
+    if group.size() != ctx.world_size or group.rank() != ctx.rank:
+        raise RuntimeError(
+            f"mx.distributed gave rank {group.rank()} of {group.size()}, expected {ctx.rank} of {ctx.world_size}"
+        )
+    return group
+
+
+def build_engine(ctx: RankContext, stream):
+    """Load the shard, warm up, connect the bus; returns the Engine (runs on the engine thread).
+
+    The model and the bus must share one stream: collectives on two streams would interleave
+    differently on different ranks, and the ranks would deadlock or read each other's frames.
+    """
+    import mlx.core as mx
+
+    from mlx_cluster.engine.engine import Engine
+    from mlx_cluster.engine.executor import Executor, warmup
+    from mlx_cluster.engine.frontend import Frontend
+    from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.loader import load_model_shard
+    from mlx_cluster.runtime.bus import ControlBus, Doorbell
+    from mlx_cluster.server.generation import Limits
+
+    cfg = ctx.config
+    t0 = time.monotonic()
+    path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
+    loaded = load_model_shard(
+        path,
+        ctx.group,
+        revision=cfg.model.revision,
+        adapter_path=cfg.model.adapter_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    log.info(
+        "loaded %s shard %d/%d in %.1f s (%.1f MB read)",
+        cfg.model.path,
+        ctx.rank,
+        ctx.world_size,
+        time.monotonic() - t0,
+        loaded.bytes_read / 1e6,
+    )
+    vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
+    sched = cfg.scheduler
+    executor = Executor(
+        loaded.model,
+        vocab_size=vocab_size,
+        max_batch_size=sched.max_batch_size,
+        prefill_batch_size=sched.prefill_batch_size,
+        prefill_chunk=sched.prefill_chunk_tokens,
+        stream=stream,
+    )
+    warmup(executor, token_id=0)
+    executor.stats.__init__()
+
+    host, _, port = ctx.doorbell_addr.rpartition(":")
+    doorbell = Doorbell(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
+    doorbell.connect()
+    sup = cfg.supervisor
+    bus = ControlBus(ctx.group, doorbell, heartbeat_s=sup.heartbeat_s, silence_timeout_s=sup.collective_timeout_s)
+    bus.stream = stream
+
+    frontend = None
+    if ctx.rank == 0:
+        frontend = Frontend(
+            loaded.tokenizer,
+            max_batch_size=sched.max_batch_size,
+            max_new_per_step=sched.prefill_batch_size,
+            max_queue=sched.max_queue,
+        )
+        ctx.frontend = frontend
+        state = ctx.state
+        state.tokenizer = loaded.tokenizer
+        state.frontend = frontend
+        context = loaded.config.get("max_position_embeddings") or 4096
+        state.limits = Limits(
+            context_length=context,
+            max_prompt_tokens=sched.max_prompt_tokens,
+            default_max_tokens=sched.default_max_tokens,
+            max_tokens_cap=sched.max_tokens_cap,
+            vocab_size=vocab_size,
+        )
+    engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s)
+    ctx.engine = engine
+    mx.synchronize()
+    return engine
+
+
+def engine_thread_main(ctx: RankContext) -> None:
+    """Everything MLX happens on this thread: MLX streams belong to the thread that made them."""
+    import mlx.core as mx
+
+    from mlx_cluster.runtime.watchdog import Watchdog
+
+    stream = mx.new_stream(mx.default_device())
+    watchdog = None
+    try:
+        with mx.stream(stream):
+            engine = build_engine(ctx, stream)
+            watchdog = Watchdog(
+                engine.timer,
+                ctx.config.supervisor.collective_timeout_s,
+                on_fatal=lambda reason: fail_rank(ctx, reason),
+                parent_pid=None,
+            ).start()
+            if ctx.state is not None:
+                ctx.state.engine_timer = engine.timer
+                ctx.state.status = "ready" if ctx.state.status == "loading" else ctx.state.status
+                log.info("ready: serving %s on rank 0 of %d", ctx.config.model.served_name, ctx.world_size)
+            engine.run()
+        if ctx.state is not None:
+            ctx.state.status = "stopped"
+    except BaseException as e:  # any failure here ends this rank; the supervisor decides what next
+        log.error("engine failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, RuntimeError))
+        fail_rank(ctx, f"{type(e).__name__}: {e}")
+        os._exit(EXIT_ENGINE_FAILED)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if ctx.uvicorn_server is not None:
+            ctx.uvicorn_server.should_exit = True
+
+
+def fail_rank(ctx: RankContext, reason: str) -> None:
+    """End every in-flight request with an error and report not-ready, before the process exits."""
+    if ctx.state is None:
+        return
+    ctx.state.status = "dead"
+    ctx.state.detail = reason
+    if ctx.frontend is not None:
+        ctx.frontend.fail_all(f"the cluster stopped serving ({reason}); retry after it restarts")
+    time.sleep(1.0)  # let the HTTP thread flush the error responses
+
+
+def drain(ctx: RankContext) -> None:
+    """SIGTERM on rank 0: stop taking requests, let running ones finish, then stop every rank."""
+    state, frontend = ctx.state, ctx.frontend
+    if state.status in ("draining", "stopped", "dead"):
+        return
+    state.status = "draining"
+    timeout_s = ctx.config.supervisor.drain_timeout_s
+    log.info("draining: finishing in-flight requests for up to %.0f s", timeout_s)
+    if frontend is not None:
+        deadline = time.monotonic() + timeout_s
+        while frontend.has_work_threadsafe() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if frontend.has_work_threadsafe():
+            frontend.abort_all("the server is shutting down")
+        frontend.request_shutdown()
+    elif ctx.uvicorn_server is not None:
+        ctx.uvicorn_server.should_exit = True
+
+
+def serve_http(ctx: RankContext) -> None:
+    """Rank 0's main thread: uvicorn with our own signal handling (SIGTERM drains)."""
+    import uvicorn
+
+    from mlx_cluster.server.app import create_app
+    from mlx_cluster.server.metrics import Metrics
+
+    ctx.state.metrics = Metrics(ctx.config.model.served_name)
+    app = create_app(ctx.state)
+    server_cfg = ctx.config.server
+    kwargs = {"fd": ctx.http_fd} if ctx.http_fd is not None else {"host": server_cfg.host, "port": server_cfg.port}
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=64 * 1024,
+        **kwargs,
+    )
+
+    class Server(uvicorn.Server):
+        def install_signal_handlers(self) -> None:  # ours, below
+            pass
+
+    server = Server(config)
+    ctx.uvicorn_server = server
+
+    def on_term(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=drain, args=(ctx,), name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    server.run()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("MLX_CLUSTER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from_json(os.environ["MLX_CLUSTER_CONFIG"])
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    world_size = int(os.environ.get("MLX_CLUSTER_WORLD_SIZE", "1"))
+    ctx = RankContext(config, rank, world_size)
+
+    from mlx_cluster.runtime.watchdog import Watchdog
+
+    # Orphan protection from the first moment: exits if the launcher vanishes (or its SSH link).
+    Watchdog(
+        timer=_NeverBusy, timeout_s=1e9, on_fatal=lambda _: None, parent_pid=ctx.parent_pid, watch_stdin=ctx.watch_stdin
+    ).start()
+    materialize_files()
+    ctx.group = init_group(ctx)
+    log.info("rank %d of %d joined the %s group", rank, world_size, ctx.backend if world_size > 1 else "local")
+
+    if rank == 0:
+        from mlx_cluster.server.app import ServerState
+        from mlx_cluster.server.auth import load_api_keys
+
+        ctx.state = ServerState(
+            config=config, world_size=world_size, api_keys=load_api_keys(config.server.api_key_file)
+        )
+        thread = threading.Thread(target=engine_thread_main, args=(ctx,), name="engine", daemon=True)
+        ctx.state.engine_alive = thread.is_alive
+        thread.start()
+        serve_http(ctx)
+        thread.join(timeout=10)
+        sys.exit(0 if ctx.state.status == "stopped" else 1)
+    else:
+        # Workers follow rank 0's plans; SIGTERM alone must not cut a collective short.
+        signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for rank 0's shutdown plan"))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine_thread_main(ctx)
+        sys.exit(0)
+
+
+class _NeverBusy:
+    busy_since = 0.0
+    phase = "idle"
+
+
+if __name__ == "__main__":
+    main()

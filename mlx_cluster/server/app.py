@@ -1,0 +1,351 @@
+"""Rank 0's HTTP API: OpenAI endpoints, probes, metrics and admin, on FastAPI.
+
+Handlers never touch the model: they validate, tokenize, hand a `GenerationRequest` to the
+engine's frontend and relay its events, so the asyncio loop never blocks on model work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlx_cluster.config import ClusterConfig
+from mlx_cluster.server.auth import check_auth
+from mlx_cluster.server.generation import (
+    Choice,
+    Limits,
+    RequestStream,
+    chat_prompt,
+    chunk,
+    completion_prompt,
+    full_response,
+    make_request,
+    sampling_params,
+    usage_chunk,
+)
+from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What the HTTP side knows about the engine; written by the rank runtime."""
+
+    config: ClusterConfig
+    world_size: int = 1
+    status: str = "loading"  # loading | ready | draining | stopped | dead
+    detail: str = ""
+    frontend: object | None = None
+    tokenizer: object | None = None
+    limits: Limits | None = None
+    engine_timer: object | None = None
+    engine_alive: callable = lambda: True
+    api_keys: tuple[str, ...] = ()
+    started_at: float = field(default_factory=time.time)
+    metrics: object | None = None
+    wedged_after_s: float = 30.0
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.served_name
+
+    def wedged(self) -> bool:
+        """Work is pending but the engine has not finished a step for too long."""
+        timer = self.engine_timer
+        if timer is None or not timer.busy_since:
+            return False
+        return time.monotonic() - timer.busy_since > self.wedged_after_s
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="mlx-cluster", version="0.1.0")
+    app.state.server = state
+    if state.config.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.config.server.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"][1:]) or None
+        return error_response(APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error in a request handler")
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+    @app.middleware("http")
+    async def _auth_and_limits(request: Request, call_next):
+        path = request.url.path
+        protected = path.startswith("/v1") or path.startswith("/admin")
+        protected |= path == "/metrics" and not state.config.server.open_metrics
+        protected |= path in ("/livez", "/readyz", "/health") and not state.config.server.open_probes
+        if protected and request.method != "OPTIONS":
+            err = check_auth(request.headers.get("authorization"), state.api_keys)
+            if err is not None:
+                return error_response(err)
+        return await call_next(request)
+
+    # ---- probes ---------------------------------------------------------------------
+    @app.get("/livez")
+    async def livez():
+        alive = state.status != "dead" and state.engine_alive()
+        return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
+
+    @app.get("/readyz")
+    async def readyz():
+        ready = state.status == "ready" and state.engine_alive() and not state.wedged()
+        reason = state.status if state.status != "ready" else ("wedged" if state.wedged() else "ok")
+        return JSONResponse({"status": "ready" if ready else reason}, status_code=200 if ready else 503)
+
+    @app.get("/health")
+    async def health():
+        return JSONResponse(health_report(state), status_code=200 if state.status == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            return Response("", media_type="text/plain")
+        body, content_type = state.metrics.render(state)
+        return Response(body, media_type=content_type)
+
+    # ---- models ---------------------------------------------------------------------
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": int(state.started_at), "owned_by": "mlx-cluster"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != state.model_name:
+            raise APIError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return model_card()
+
+    # ---- generation -----------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, "completions")
+
+    async def generate(request: Request, kind: str):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, data)
+        if req.model is not None and req.model != state.model_name:
+            raise APIError(
+                404,
+                f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        check_serving(state)
+        tokenizer = state.tokenizer
+        prompt = (
+            chat_prompt(tokenizer, req)
+            if kind == "chat"
+            else completion_prompt(tokenizer, req, state.limits.vocab_size)
+        )
+        params = sampling_params(req, len(prompt), state.limits, set(tokenizer.eos_token_ids))
+        stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
+        if not state.frontend.submit(make_request(stream, prompt, params, req)):
+            raise APIError(
+                429,
+                f"the queue is full ({state.config.scheduler.max_queue} requests wait already); retry soon",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        if state.metrics is not None:
+            state.metrics.request_started(len(prompt))
+        timeout_s = state.config.server.request_timeout_s
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                stream_events(state, stream, req, timeout_s, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await collect(state, request, stream, req, timeout_s)
+
+    return app
+
+
+async def read_json(request: Request, max_bytes: int):
+    """Read the body with a hard size cap (also for chunked bodies), then parse JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
+            raise APIError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def check_serving(state: ServerState) -> None:
+    if state.status == "ready" and state.engine_alive():
+        return
+    if state.status == "draining":
+        raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+    if state.status == "loading":
+        raise APIError(503, "the model is still loading", code="loading", headers={"Retry-After": "5"})
+    raise APIError(
+        503,
+        f"the engine is unavailable: {state.detail or state.status}",
+        code="engine_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def health_report(state: ServerState) -> dict:
+    frontend = state.frontend
+    stats = getattr(frontend, "stats", None)
+    waiting = frontend.queue_depth if frontend is not None else 0
+    running = stats.requests_running if stats is not None else 0
+    return {
+        "status": health_status(state, waiting, running),
+        "model": state.model_name,
+        "ranks": state.world_size,
+        "queue_depth": waiting,
+        "running_sequences": stats.seqs_running if stats is not None else 0,
+        "running_requests": running,
+        "engine": state.status,
+        "uptime_s": round(time.time() - state.started_at, 1),
+    }
+
+
+def health_status(state: ServerState, waiting: int, running: int) -> str:
+    """ok, degraded (queue building up or engine slow), overloaded (queue nearly full), shutting_down.
+
+    Thresholds (docs/operations.md): overloaded at >= 90% of scheduler.max_queue waiting;
+    degraded when any request waits while the batch is full, or the engine is not ready.
+    """
+    if state.status in ("draining", "stopped"):
+        return "shutting_down"
+    if state.status != "ready" or not state.engine_alive() or state.wedged():
+        return "degraded"
+    max_queue = state.config.scheduler.max_queue
+    if max_queue and waiting >= 0.9 * max_queue:
+        return "overloaded"
+    if waiting > 0 and running >= state.config.scheduler.max_batch_size:
+        return "degraded"
+    return "ok"
+
+
+def sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+async def stream_events(state: ServerState, stream: RequestStream, req, timeout_s: float, include_usage: bool):
+    """SSE body: a role chunk (chat), token chunks, an optional usage chunk, then [DONE].
+
+    Failures mid-stream end with a `data: {"error": ...}` chunk. If the client goes away the
+    generator is closed, and `finally` aborts the sequence on every rank.
+    """
+    tokenizer = state.tokenizer
+    try:
+        if stream.kind == "chat":
+            for i in range(req.n):
+                yield sse(chunk(stream, tokenizer, None, first=True, index=i))
+        async for event in stream.events(timeout_s):
+            if state.metrics is not None:
+                state.metrics.token_event(stream, event)
+            yield sse(chunk(stream, tokenizer, event))
+        if include_usage:
+            yield sse(usage_chunk(stream))
+        if state.metrics is not None:
+            state.metrics.request_finished(stream, "ok")
+        yield b"data: [DONE]\n\n"
+    except APIError as e:
+        if state.metrics is not None:
+            state.metrics.request_finished(stream, "error")
+        yield sse(e.body())
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not stream.finished:
+            state.frontend.abort(stream.id)
+            if state.metrics is not None:
+                state.metrics.request_finished(stream, "abort")
+
+
+async def collect(state: ServerState, request: Request, stream: RequestStream, req, timeout_s: float):
+    """Non-streaming: gather every choice, aborting if the client disconnects meanwhile."""
+    choices = [Choice(index=i) for i in range(req.n)]
+
+    async def gather():
+        async for event in stream.events(timeout_s):
+            if state.metrics is not None:
+                state.metrics.token_event(stream, event)
+            c = choices[event.index]
+            c.text += event.text
+            c.logprobs.extend(event.logprobs)
+            if event.finish_reason is not None:
+                c.finish_reason = event.finish_reason
+
+    consumer = asyncio.create_task(gather())
+    watcher = asyncio.create_task(_watch_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer.done():
+            consumer.result()  # re-raises an APIError from the engine
+    except APIError:
+        if state.metrics is not None:
+            state.metrics.request_finished(stream, "error")
+        raise
+    finally:
+        consumer.cancel()
+        watcher.cancel()
+        if not stream.finished:
+            state.frontend.abort(stream.id)
+            if state.metrics is not None:
+                state.metrics.request_finished(stream, "abort")
+    if not stream.finished:
+        return Response(status_code=499)  # nobody is listening any more
+    if state.metrics is not None:
+        state.metrics.request_finished(stream, "ok")
+    return JSONResponse(full_response(stream, state.tokenizer, choices))
+
+
+async def _watch_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)

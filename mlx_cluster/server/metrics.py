@@ -1,0 +1,198 @@
+"""Prometheus metrics: the one place that maps the core's plain stats onto metric names.
+
+Names follow vLLM's (`vllm:` becomes `mlx_cluster_`), with the same histogram buckets, so
+vLLM dashboards adapt by renaming. Gauges are read from the engine's stats at scrape time;
+latency histograms are fed per request by the HTTP side.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+TPOT_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+REQUEST_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
+P = "mlx_cluster_"
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        r = self.registry = CollectorRegistry()
+        L = ["model_name"]
+        self.running = Gauge(P + "num_requests_running", "Requests in the running batch.", L, registry=r)
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled.", L, registry=r)
+        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of the KV budget in use (0-1).", L, registry=r)
+        self.ranks_up = Gauge(P + "ranks_up", "Ranks of the group that are serving.", L, registry=r)
+        self.step_time = Gauge(
+            P + "engine_step_seconds", "Duration of the last engine step on this rank.", L + ["rank"], registry=r
+        )
+        self.bus_bytes = Gauge(
+            P + "bus_bytes_total", "Bytes moved through the control bus by this rank.", L + ["rank"], registry=r
+        )
+        self.bus_collectives = Gauge(
+            P + "bus_collectives_total", "Control bus collectives run by this rank.", L + ["rank"], registry=r
+        )
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", L, registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", L, registry=r)
+        self.success = Counter(
+            P + "request_success", "Requests finished, by finish reason.", L + ["finished_reason"], registry=r
+        )
+        self.failures = Counter(
+            P + "request_failure", "Requests ended by an error or an abort.", L + ["reason"], registry=r
+        )
+        self.preemptions = Counter(
+            P + "num_preemptions", "Sequences preempted (none: admission waits for room).", L, registry=r
+        )
+        self.cache_queries = Counter(
+            P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", L, registry=r
+        )
+        self.cache_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", L, registry=r)
+        self.ttft = Histogram(
+            P + "time_to_first_token_seconds", "Time to first token.", L, buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            P + "time_per_output_token_seconds",
+            "Mean time per output token of a request.",
+            L,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            P + "inter_token_latency_seconds", "Time between consecutive tokens.", L, buckets=TPOT_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            P + "e2e_request_latency_seconds", "End-to-end request latency.", L, buckets=REQUEST_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            P + "request_queue_time_seconds",
+            "Time a request waited before running.",
+            L,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.cache_extra = None  # set by the prefix cache: a callable adding its own samples
+
+    # ---- per request (HTTP side, asyncio thread) ---------------------------------------
+    def request_started(self, prompt_len: int) -> None:
+        pass  # prompt tokens are counted when the request finishes, with the cache's view
+
+    def token_event(self, stream, event) -> None:
+        now = time.monotonic()
+        if stream.t_first is None:
+            stream.t_first = now
+            self.ttft.labels(self.model_name).observe(now - stream.t_start)
+        else:
+            self.itl.labels(self.model_name).observe(now - stream.t_last)
+        stream.t_last = now
+        stream.n_tokens = getattr(stream, "n_tokens", 0) + len(event.token_ids)
+        if event.finish_reason is not None:
+            stream.finish_reasons = [*getattr(stream, "finish_reasons", []), event.finish_reason]
+
+    def request_finished(self, stream, outcome: str) -> None:
+        if getattr(stream, "counted", False):
+            return
+        stream.counted = True
+        m = self.model_name
+        now = time.monotonic()
+        if outcome != "ok":
+            self.failures.labels(m, outcome).inc()
+            return
+        done = stream.done
+        self.prompt_tokens.labels(m).inc(done.prompt_tokens)
+        self.generation_tokens.labels(m).inc(done.completion_tokens)
+        self.cache_queries.labels(m).inc(done.prompt_tokens)
+        self.cache_hits.labels(m).inc(done.cached_tokens)
+        self.queue_time.labels(m).observe(done.queued_s)
+        self.e2e.labels(m).observe(now - stream.t_start)
+        n = getattr(stream, "n_tokens", 0)
+        if n > 1:
+            self.tpot.labels(m).observe((stream.t_last - stream.t_first) / (n - 1))
+        for reason in getattr(stream, "finish_reasons", []) or ["stop"]:
+            self.success.labels(m, reason).inc()
+
+    # ---- scrape --------------------------------------------------------------------------
+    def render(self, state) -> tuple[bytes, str]:
+        m = self.model_name
+        frontend = state.frontend
+        if frontend is not None:
+            self.running.labels(m).set(frontend.stats.requests_running)
+            self.waiting.labels(m).set(frontend.queue_depth)
+            kv = getattr(frontend, "kv_usage", None)
+            self.kv_usage.labels(m).set(kv() if callable(kv) else 0.0)
+        self.ranks_up.labels(m).set(state.world_size if state.status in ("ready", "draining") else 0)
+        timer = state.engine_timer
+        if timer is not None:
+            self.step_time.labels(m, "0").set(timer.last_step_s)
+        bus = getattr(state, "bus_stats", None)
+        if bus is not None:
+            self.bus_bytes.labels(m, "0").set(bus.bytes)
+            self.bus_collectives.labels(m, "0").set(bus.collectives)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
