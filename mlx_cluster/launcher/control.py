@@ -90,7 +90,9 @@ def _kill_leftover_ranks(config: ClusterConfig, state: dict) -> int:
             host = next((h for h in config.host_list() if h.host == r["host"]), None)
             if host is not None:
                 try:
-                    killed += bool(kill_remote(host, config.ssh, r["pid"], signal.SIGKILL))
+                    killed += bool(
+                        kill_remote(host, config.ssh, r["pid"], signal.SIGKILL, match="mlx_cluster.runtime.rank")
+                    )
                 except Exception as e:  # unreachable host: report, keep going
                     print(f"could not reach {r['host']} to stop rank {r['rank']}: {e}", file=sys.stderr)
     return killed

@@ -1,0 +1,191 @@
+"""Start a real cluster the way a user does (`mlx-cluster up cluster.yaml` in a subprocess)
+and drive it over HTTP. Used by the integration and fault-injection tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n free consecutive ports after it."""
+    for _ in range(200):
+        base = free_port()
+        if base + n > 65000:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Cluster:
+    """One `mlx-cluster up` process and the ranks it supervises."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        ranks: int = 1,
+        models_dir: Path | None = None,
+        config: dict | None = None,
+        env: dict | None = None,
+        name: str | None = None,
+    ):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.name = name or f"test-{self.port}"
+        cfg = {
+            "cluster": {"name": self.name, "run_dir": str(self.workdir / "runs"), "base_port": free_port_block(8)},
+            "hosts": [{"host": "localhost", "ranks": ranks}],
+            "model": {"path": "builtin:tiny", "builtin_dir": str(models_dir or self.workdir / "models")},
+            "server": {"port": self.port},
+            "cache": {"ssd": {"dir": str(self.workdir / "kv")}},
+            "supervisor": {"backoff_s": 0.2, "collective_timeout_s": 10, "heartbeat_s": 0.5, "drain_timeout_s": 10},
+        }
+        _merge(cfg, config or {})
+        self.config = cfg
+        self.config_path = self.workdir / f"{self.name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / f"{self.name}.out"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def start(self, wait: bool = True, timeout_s: float = 180) -> Cluster:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_cluster", "up", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+        )
+        if wait:
+            self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlx-cluster up exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            if self.readyz() == 200:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"cluster not ready after {timeout_s} s:\n{self.output()[-4000:]}")
+
+    def readyz(self) -> int | None:
+        try:
+            return httpx.get(self.url + "/readyz", timeout=2).status_code
+        except httpx.HTTPError:
+            return None
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        pids = self.rank_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in pids:  # belt and braces: a test must never leak a rank
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- introspection ----------------------------------------------------------------
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def state(self) -> dict:
+        path = self.workdir / "runs" / self.name / "state.json"
+        return json.loads(path.read_text())
+
+    def rank_pids(self) -> list[int]:
+        try:
+            return [r["pid"] for r in self.state()["ranks"] if r["pid"]]
+        except (OSError, KeyError, ValueError):
+            return []
+
+    def wait_for(self, predicate, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"timed out waiting for {what}:\n{self.output()[-3000:]}")
+
+    def openai(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(
+            base_url=self.url + "/v1",
+            api_key=kwargs.pop("api_key", "none"),
+            max_retries=0,
+            timeout=kwargs.pop("timeout", 120),
+            **kwargs,
+        )
+
+    def post(self, path: str, body, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value

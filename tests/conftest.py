@@ -1,0 +1,46 @@
+"""Shared fixtures: one built-in model directory per session, clusters started via `mlx-cluster up`."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster import Cluster
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """Materialize builtin:tiny once for the whole session."""
+    from mlx_cluster.models.builtin import resolve_model_path
+
+    path = tmp_path_factory.mktemp("models")
+    resolve_model_path("builtin:tiny", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(models_dir):
+    from mlx_cluster.models.builtin import resolve_model_path
+
+    return resolve_model_path("builtin:tiny", str(models_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models_dir):
+    """One single-rank cluster shared by a test module."""
+    cluster = Cluster(
+        tmp_path_factory.mktemp("server"), ranks=1, models_dir=models_dir, config={"scheduler": {"max_batch_size": 8}}
+    )
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory, models_dir):
+    """One two-rank ring cluster on loopback shared by a test module."""
+    cluster = Cluster(
+        tmp_path_factory.mktemp("cluster2"), ranks=2, models_dir=models_dir, config={"scheduler": {"max_batch_size": 8}}
+    )
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,81 @@
+"""Rank placement and the per-backend environment mx.distributed reads."""
+
+import json
+import socket
+
+import pytest
+
+from mlx_cluster.config import ConfigError, load_config
+from mlx_cluster.launcher.placement import check_local_ports, plan_placement, write_hostfile
+
+
+def files(spec):
+    return {k: json.loads(v) for k, v in json.loads(spec.env["MLX_CLUSTER_FILES"]).items()}
+
+
+def test_ring_two_local_ranks():
+    cfg = load_config(None, ["hosts=[{host: localhost, ranks: 2}]", "cluster.base_port=6000"])
+    p = plan_placement(cfg)
+    assert p.world_size == 2
+    assert [s.env["MLX_RANK"] for s in p.ranks] == ["0", "1"]
+    assert files(p.ranks[0])["MLX_HOSTFILE"] == [["127.0.0.1:6000"], ["127.0.0.1:6001"]]
+    assert p.doorbell == ("127.0.0.1", 6002)
+
+
+def test_ring_connections_per_ip_and_remote_hosts():
+    cfg = load_config(
+        None,
+        [
+            "hosts=[{host: localhost, ips: [10.0.0.1]}, {host: b, ips: [10.0.0.2, 10.0.1.2]}]",
+            "cluster.connections_per_ip=2",
+            "cluster.base_port=7000",
+        ],
+    )
+    p = plan_placement(cfg)
+    assert files(p.ranks[1])["MLX_HOSTFILE"] == [
+        ["10.0.0.1:7000", "10.0.0.1:7001"],
+        ["10.0.0.2:7002", "10.0.0.2:7003", "10.0.1.2:7004", "10.0.1.2:7005"],
+    ]
+    assert not p.ranks[1].is_local
+
+
+def test_remote_host_needs_ips():
+    cfg = load_config(None, ["hosts=[{host: localhost}, {host: mac-b}]"])
+    with pytest.raises(ConfigError, match=r"hosts\[1\] \(mac-b\).*ips"):
+        plan_placement(cfg)
+
+
+def test_nccl_one_gpu_per_rank():
+    cfg = load_config(None, ["cluster.backend=nccl", "hosts=[{host: localhost, ranks: 4, gpus: [3, 2, 1, 0]}]"])
+    p = plan_placement(cfg)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in p.ranks] == ["3", "2", "1", "0"]
+    assert p.ranks[0].env["MLX_WORLD_SIZE"] == "4"
+    assert p.ranks[0].env["NCCL_HOST_IP"] == "127.0.0.1"
+    assert p.ranks[2].env["NCCL_PORT"] == str(cfg.cluster.base_port)
+
+
+def test_jaccl_matrix_and_checks():
+    ok = "hosts=[{host: localhost, ips: [10.0.0.1], rdma: [null, rdma_en3]}, {host: b, ips: [10.0.0.2], rdma: [rdma_en3, null]}]"
+    p = plan_placement(load_config(None, ["cluster.backend=jaccl", ok]))
+    assert files(p.ranks[0])["MLX_IBV_DEVICES"] == [[None, "rdma_en3"], ["rdma_en3", None]]
+    assert p.ranks[0].env["MLX_JACCL_COORDINATOR"].startswith("10.0.0.1:")
+    bad = "hosts=[{host: localhost, ips: [10.0.0.1], rdma: [rdma_en2, rdma_en3]}, {host: b, ips: [10.0.0.2], rdma: [rdma_en3, null]}]"
+    with pytest.raises(ConfigError, match="must be null"):
+        plan_placement(load_config(None, ["cluster.backend=jaccl", bad]))
+
+
+def test_busy_port_is_named():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = load_config(None, ["hosts=[{host: localhost, ranks: 2}]", f"cluster.base_port={port}"])
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is not available"):
+            check_local_ports(plan_placement(cfg))
+
+
+def test_hostfile_is_mlx_launch_format():
+    cfg = load_config(None, ["hosts=[{host: localhost, ranks: 2}]", "cluster.env={A: b}"])
+    data = json.loads(write_hostfile(cfg))
+    assert data["backend"] == "ring" and data["envs"] == ["A=b"]
+    assert data["hosts"] == [{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 2
