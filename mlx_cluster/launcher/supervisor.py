@@ -29,7 +29,7 @@ from mlx_cluster.launcher.rundir import RunDir
 log = logging.getLogger(__name__)
 
 SECRET_ENV = ("MLX_CLUSTER_API_KEY",)
-FAILURE_GRACE_S = 2.0  # let rank 0 flush error responses after a peer died, before killing it
+FAILURE_GRACE_S = 5.0  # rank 0 fails its in-flight requests, flushes them, then exits by itself
 
 
 class Supervisor:
