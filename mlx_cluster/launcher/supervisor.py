@@ -197,21 +197,12 @@ class Supervisor:
         )
         try:
             while True:
-                self.start_group()
-                exited = self.wait_for_exit()
-                if self.stopping:
-                    self.stop_group(graceful=True)
+                failure = self.run_group()
+                if failure is None:
                     self.run_dir.write_state(self, status="stopped")
                     self.say("stopped")
                     return 0
-                rank, code = exited
-                if code == 0:
-                    # Rank 0 drained by itself (e.g. `down` sent SIGTERM to it directly).
-                    self.stop_group(graceful=True)
-                    self.run_dir.write_state(self, status="stopped")
-                    self.say("stopped")
-                    return 0
-                self.say(f"rank {rank} exited with code {code}; stopping the group")
+                self.say(f"{failure}; stopping the group")
                 self.stop_group(graceful=False)
                 if sup.restart == "never" or self.restarts >= sup.max_restarts:
                     why = (
@@ -236,6 +227,20 @@ class Supervisor:
             if self.http_socket is not None:
                 self.http_socket.close()
             self.run_dir.release()
+
+    def run_group(self) -> str | None:
+        """Start the group and watch it; None after a clean stop, else what went wrong."""
+        try:
+            self.start_group()
+        except Exception as e:  # a rank that cannot be launched (SSH refused, bad python, ...)
+            return f"could not start the group: {e}"
+        exited = self.wait_for_exit()
+        if exited is None or exited[1] == 0:
+            # Ctrl-C/SIGTERM here, or rank 0 drained by itself (`down` signalled it directly).
+            self.stop_group(graceful=True)
+            return None
+        rank, code = exited
+        return f"rank {rank} exited with code {code}"
 
     def wait_for_exit(self) -> tuple[int, int] | None:
         while not self.stopping:
