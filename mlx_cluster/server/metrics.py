@@ -97,6 +97,8 @@ class Metrics:
         self.bus_bytes = Gauge(
             P + "bus_bytes_total", "Bytes moved through the control bus by this rank.", L + ["rank"], registry=r
         )
+        self.bus_plans = Gauge(P + "bus_plans_total", "Step plans published or received by this rank.",
+                               L + ["rank"], registry=r)
         self.bus_collectives = Gauge(
             P + "bus_collectives_total", "Control bus collectives run by this rank.", L + ["rank"], registry=r
         )
@@ -195,4 +197,5 @@ class Metrics:
         if bus is not None:
             self.bus_bytes.labels(m, "0").set(bus.bytes)
             self.bus_collectives.labels(m, "0").set(bus.collectives)
+            self.bus_plans.labels(m, "0").set(bus.plans)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
