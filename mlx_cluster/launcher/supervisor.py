@@ -168,10 +168,12 @@ class Supervisor:
                 return proc.rank, code
         return None
 
-    def stop_group(self, graceful: bool) -> None:
-        """Graceful: SIGTERM to rank 0 (it drains, then stops every rank). Then SIGKILL stragglers."""
+    def stop_group(self, graceful: bool, already_stopping: bool = False) -> None:
+        """Graceful: SIGTERM to rank 0 (it drains, then stops every rank), unless the group is
+        already stopping by itself. Then SIGKILL stragglers."""
         if graceful and self.procs:
-            self.procs[0].signal(signal.SIGTERM)
+            if not already_stopping:
+                self.procs[0].signal(signal.SIGTERM)
             deadline = time.monotonic() + self.config.supervisor.drain_timeout_s + 15
         else:
             deadline = time.monotonic() + FAILURE_GRACE_S
@@ -235,9 +237,11 @@ class Supervisor:
         except Exception as e:  # a rank that cannot be launched (SSH refused, bad python, ...)
             return f"could not start the group: {e}"
         exited = self.wait_for_exit()
-        if exited is None or exited[1] == 0:
-            # Ctrl-C/SIGTERM here, or rank 0 drained by itself (`down` signalled it directly).
+        if exited is None:  # Ctrl-C / SIGTERM to the launcher
             self.stop_group(graceful=True)
+            return None
+        if exited[1] == 0:  # rank 0 drained and the group is shutting down (SIGTERM sent to rank 0 directly)
+            self.stop_group(graceful=True, already_stopping=True)
             return None
         rank, code = exited
         return f"rank {rank} exited with code {code}"
