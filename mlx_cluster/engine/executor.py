@@ -8,6 +8,7 @@ order, it does the same thing on every rank; that is the whole lock-step contrac
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class TokenOutput:
     finish_reason: str | None  # "stop" (stop token), "length", or None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    cached_tokens: int = 0  # on a sequence's first token: prompt tokens restored from the prefix cache
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Executor:
         self.prefix_cache = prefix_cache
         self._uid_to_seq: dict[int, NewSequence] = {}
         self._seq_to_uid: dict[int, int] = {}
+        self._cached_tokens: dict[int, int] = {}  # seq id -> restored tokens, until its first token
         self.digest = 0  # crc32 chain over every sampled token, compared across ranks
         self.stats = ExecutorStats()
 
@@ -70,21 +73,28 @@ class Executor:
 
     def apply(self, plan: StepPlan) -> None:
         """Drop finished or aborted sequences, then add the new ones."""
-        drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]
-        if drop:
-            caches = self.generator.remove(drop, return_prompt_caches=self.prefix_cache is not None)
-            for uid in drop:
-                seq = self._uid_to_seq.pop(uid)
-                del self._seq_to_uid[seq.seq_id]
-                if self.prefix_cache is not None and uid in caches:
-                    self.prefix_cache.on_sequence_done(seq, *caches[uid])
-        if plan.new:
-            self._insert(plan.new)
+        cache = self.prefix_cache
+        if cache is not None and plan.clear_cache:
+            cache.clear()
+        # Dropped sequences store blocks, which may evict: pin what the new ones restore first.
+        with cache.pinned(plan.new) if cache is not None else contextlib.nullcontext():
+            drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]
+            if drop:
+                caches = self.generator.remove(drop, return_prompt_caches=cache is not None)
+                for uid in drop:
+                    seq = self._uid_to_seq.pop(uid)
+                    del self._seq_to_uid[seq.seq_id]
+                    self._cached_tokens.pop(seq.seq_id, None)
+                    if cache is not None and uid in caches:
+                        cache.on_sequence_done(seq, *caches[uid])
+            if plan.new:
+                self._insert(plan.new)
 
     def _insert(self, new: tuple[NewSequence, ...]) -> None:
         prompts, caches, cached_tokens = [], [], []
-        for seq in new:
-            restored = self.prefix_cache.restore(seq) if self.prefix_cache is not None else None
+        # One call for the batch: restoring involves one collective, only when some seq has a hit.
+        restores = self.prefix_cache.restore_batch(new) if self.prefix_cache is not None else [None] * len(new)
+        for seq, restored in zip(new, restores):
             if restored is None:
                 prompts.append(list(seq.prompt))
                 caches.append(None)
@@ -94,6 +104,7 @@ class Executor:
                 prompts.append(list(seq.prompt[n:]))
                 caches.append(cache)
                 cached_tokens.append(list(seq.prompt[:n]))
+                self._cached_tokens[seq.seq_id] = n
         uids = self.generator.insert(
             prompts,
             max_tokens=[s.params.max_tokens for s in new],
@@ -112,12 +123,14 @@ class Executor:
         """One batched decode step plus one prefill chunk; the tokens sampled in it."""
         if not self._seq_to_uid:
             return []
-        _, responses = self.generator.next()
+        prompt_responses, responses = self.generator.next()
         self.stats.steps += 1
+        if self.prefix_cache is not None:
+            self._store_prefilled(prompt_responses)
         outputs = []
         for r in responses:
             seq = self._uid_to_seq[r.uid]
-            outputs.append(self._output(seq, r))
+            outputs.append(self._output(seq, r, self._cached_tokens.pop(seq.seq_id, 0)))
             self.digest = zlib.crc32(r.token.to_bytes(4, "little"), self.digest)
             if r.finish_reason is not None:
                 # The batcher already let go of it; forget it here too.
@@ -128,19 +141,28 @@ class Executor:
         self.stats.generation_tokens += len(outputs)
         return outputs
 
-    def _output(self, seq: NewSequence, r) -> TokenOutput:
+    def _store_prefilled(self, prompt_responses) -> None:
+        """Store the blocks of prompts that finished prefilling, while their sequences generate on."""
+        uids = [r.uid for r in prompt_responses if r.end_of_prompt]
+        if uids:
+            for uid, (cache, tokens) in self.generator.extract_cache(uids).items():
+                self.prefix_cache.on_prompt_done(self._uid_to_seq[uid], cache, tokens)
+
+    def _output(self, seq: NewSequence, r, cached_tokens: int) -> TokenOutput:
         p = seq.params
         if not p.logprobs:
-            return TokenOutput(seq.seq_id, r.token, r.finish_reason)
+            return TokenOutput(seq.seq_id, r.token, r.finish_reason, cached_tokens=cached_tokens)
         logprob = r.logprobs[r.token].item()
         top = ()
         if p.top_logprobs:
             ids, values = top_logprobs(r.logprobs, p.top_logprobs)
             top = tuple(zip(ids, values))
-        return TokenOutput(seq.seq_id, r.token, r.finish_reason, logprob, top)
+        return TokenOutput(seq.seq_id, r.token, r.finish_reason, logprob, top, cached_tokens)
 
     def close(self) -> None:
         self.generator.close()
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
 
 def warmup(executor: Executor, token_id: int) -> None:

@@ -8,7 +8,9 @@ onto its asyncio loop).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 
 from mlx_cluster.engine.executor import TokenOutput
 from mlx_cluster.engine.output import TextAssembler
-from mlx_cluster.engine.plan import NewSequence, SamplingParams, StepPlan
+from mlx_cluster.engine.plan import FLAG_CLEAR_CACHE, NewSequence, SamplingParams, StepPlan
 from mlx_cluster.engine.scheduler import SchedulerInput, schedule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,6 +113,8 @@ class Frontend:
         self._running: set[int] = set()
         self._drop: set[int] = set()
         self._seq_ids = itertools.count(1)
+        self._clear_requested: list[Callable[[], None]] = []  # callbacks waiting for a cache clear plan
+        self._clear_published: list[Callable[[], None]] = []  # ... whose plan runs this step
         self.shutdown_requested = False
         self.stats = FrontendStats()
 
@@ -139,6 +145,11 @@ class Frontend:
 
     def has_work_threadsafe(self) -> bool:
         return self._open > 0
+
+    def clear_cache(self, done: Callable[[], None]) -> None:
+        """Empty the prefix cache on every rank at the next step; `done` runs (engine thread) once it has."""
+        self._inbox.put(("clear_cache", done))
+        self._wake.set()
 
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
@@ -182,7 +193,14 @@ class Frontend:
         self._running.difference_update(decision.plan.drop)
         self._drop.clear()
         self._update_stats()
-        return decision.plan
+        plan = decision.plan
+        if self.prefix_cache is not None and plan.new:
+            # Decided at admission, not arrival, so blocks stored while the request queued count.
+            plan = dataclasses.replace(plan, new=tuple(self.prefix_cache.plan_sequence(s) for s in plan.new))
+        if self._clear_requested:
+            plan = dataclasses.replace(plan, flags=plan.flags | FLAG_CLEAR_CACHE)
+            self._clear_published, self._clear_requested = self._clear_requested, []
+        return plan
 
     def _drain_inbox(self) -> None:
         while True:
@@ -194,12 +212,22 @@ class Frontend:
                 self._add(item)
             elif kind == "abort":
                 self._abort(item)
+            elif kind == "clear_cache":
+                self._clear_requested.append(item)
             else:
                 for request in list(self._requests.values()):
                     request.req.deliver(ErrorEvent(item, 503, "shutting_down"))
                     self._abort(request.req.request_id)
 
     def _add(self, req: GenerationRequest) -> None:
+        if not req.prompt:
+            # The batcher cannot take an empty prompt; failing here keeps one bad request
+            # from taking down the engine on every rank.
+            with self._queued_lock:
+                self._queued -= 1
+                self._open -= 1
+            req.deliver(ErrorEvent("the prompt is empty", 400, "invalid_value"))
+            return
         request = _Request(req, open_seqs=req.n)
         self._requests[req.request_id] = request
         for index in range(req.n):
@@ -209,9 +237,6 @@ class Frontend:
                 # n > 1: independent samples of the same prompt, still reproducible from the seed.
                 params = SamplingParams(**{**params.__dict__, "seed": (params.seed + index) & 0xFFFFFFFFFFFFFFFF})
             seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params)
-            if self.prefix_cache is not None:
-                seq = self.prefix_cache.plan_sequence(seq)
-                request.cached_tokens += self.prefix_cache.cached_tokens(seq)
             assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
             self._seqs[seq_id] = _Seq(request, index, assembler)
             self._waiting.append(seq)
@@ -237,6 +262,9 @@ class Frontend:
         now = time.monotonic()
         self.stats.last_step_at = now
         self.stats.steps_total += 1
+        for done in self._clear_published:
+            done()
+        self._clear_published = []
         for out in outputs:
             seq = self._seqs.get(out.seq_id)
             if out.finish_reason is not None:
@@ -245,14 +273,26 @@ class Frontend:
                 continue  # aborted, or the extra token computed after a stop string
             seq.tokens += 1
             seq.request.completion_tokens += 1
+            seq.request.cached_tokens += out.cached_tokens  # what the executor actually restored
             self.stats.generation_tokens_total += 1
-            text, stopped = seq.assembler.add(out.token)
-            finish = out.finish_reason
-            if stopped and finish is None:
-                finish = "stop"
-                self._drop.add(out.seq_id)
+            try:
+                text, stopped = seq.assembler.add(out.token)
+                finish = out.finish_reason
+                if stopped and finish is None:
+                    self._drop.add(out.seq_id)
+                if finish is not None and not stopped:
+                    text += seq.assembler.finish()
+                    stopped = seq.assembler.stopped  # the flushed tail may complete a stop string
+            except Exception as e:  # this request's output is broken; the batch and the server go on
+                log.exception("request %s failed while assembling its text", seq.request.req.request_id)
+                seq.request.req.deliver(
+                    ErrorEvent(f"generation failed: {type(e).__name__}: {e}", 500, "internal_error")
+                )
+                self._abort(seq.request.req.request_id)
+                continue
+            if stopped:
+                finish = "stop"  # a stop string wins over a length limit reached on the same token
             if finish is not None:
-                text += seq.assembler.finish() if not stopped else ""
                 seq.finished = True
             logprobs = [(out.token, out.logprob, out.top_logprobs)] if out.logprob is not None else []
             seq.request.req.deliver(TokenEvent(seq.index, text, [out.token], logprobs, finish, now))
@@ -271,7 +311,9 @@ class Frontend:
             req = request.req
             self.stats.prompt_tokens_total += len(req.prompt) * req.n
             queued = (request.admitted_at or req.arrival) - req.arrival
-            req.deliver(DoneEvent(len(req.prompt) * req.n, request.completion_tokens, request.cached_tokens, queued))
+            # OpenAI counts the prompt once however many choices (n) share it; cached tokens likewise.
+            cached = request.cached_tokens // req.n
+            req.deliver(DoneEvent(len(req.prompt), request.completion_tokens, cached, queued))
 
     def fail_all(self, message: str, status: int = 503) -> None:
         """The engine cannot go on: end every request with an error instead of leaving it hanging."""

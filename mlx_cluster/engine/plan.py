@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 # Bounds a decoder enforces before allocating anything.
 MAX_NEW_SEQS = 1024
@@ -23,6 +23,8 @@ MAX_RESTORE_BLOCKS = 1 << 16
 
 FLAG_IDLE = 1  # the batch is empty: the next plan is announced by the doorbell first
 FLAG_SHUTDOWN = 2  # every rank leaves its loop after this step
+FLAG_CLEAR_CACHE = 4  # every rank empties its prefix cache (RAM and SSD) before this step's work
+KNOWN_FLAGS = FLAG_IDLE | FLAG_SHUTDOWN | FLAG_CLEAR_CACHE
 
 
 class PlanDecodeError(ValueError):
@@ -80,6 +82,10 @@ class StepPlan:
     @property
     def shutdown(self) -> bool:
         return bool(self.flags & FLAG_SHUTDOWN)
+
+    @property
+    def clear_cache(self) -> bool:
+        return bool(self.flags & FLAG_CLEAR_CACHE)
 
 
 @dataclass
@@ -203,6 +209,8 @@ def decode_plan(data: bytes) -> StepPlan:
     version, flags, step, digest = r.unpack("HHQI")
     if version != PLAN_VERSION:
         raise PlanDecodeError(f"plan version {version} is not {PLAN_VERSION}: every rank must run the same mlx-cluster")
+    if flags & ~KNOWN_FLAGS:
+        raise PlanDecodeError(f"plan flags {flags:#x} include unknown bits")
     new = []
     for _ in range(r.count("I", MAX_NEW_SEQS, "new sequences")):
         (seq_id,) = r.unpack("Q")

@@ -8,6 +8,7 @@ schedules. The launcher passes everything through environment variables (see
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -117,6 +118,8 @@ def build_engine(ctx: RankContext, stream):
     )
     warmup(executor, token_id=0)
     executor.stats.__init__()
+    # Attached after the warmup so its throwaway sequence stores nothing.
+    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, stream)
 
     host, _, port = ctx.doorbell_addr.rpartition(":")
     doorbell = Doorbell(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
@@ -132,11 +135,14 @@ def build_engine(ctx: RankContext, stream):
             max_batch_size=sched.max_batch_size,
             max_new_per_step=sched.prefill_batch_size,
             max_queue=sched.max_queue,
+            prefix_cache=prefix_cache,
         )
         ctx.frontend = frontend
         state = ctx.state
         state.tokenizer = loaded.tokenizer
         state.frontend = frontend
+        state.prefix_cache = prefix_cache
+        state.bus_stats = bus.stats
         context = loaded.config.get("max_position_embeddings") or 4096
         state.limits = Limits(
             context_length=context,
@@ -149,6 +155,18 @@ def build_engine(ctx: RankContext, stream):
     ctx.engine = engine
     mx.synchronize()
     return engine
+
+
+def make_prefix_cache(cache_cfg, loaded, group, stream):
+    """The prefix cache for this rank's shard, or None when the model's cache cannot be cut into blocks."""
+    from mlx_cluster.cache import PrefixCache, kv_dtype, supports_prefix_cache
+
+    if not supports_prefix_cache(loaded.model):
+        log.warning("prefix caching is off: this model's KV cache is not a plain per-layer KVCache")
+        return None
+    return PrefixCache(
+        cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group, stream=stream
+    )
 
 
 def engine_thread_main(ctx: RankContext) -> None:
@@ -173,6 +191,11 @@ def engine_thread_main(ctx: RankContext) -> None:
                 ctx.state.status = "ready" if ctx.state.status == "loading" else ctx.state.status
                 log.info("ready: serving %s on rank 0 of %d", ctx.config.model.served_name, ctx.world_size)
             engine.run()
+            engine.executor.close()  # flushes the prefix cache's RAM tier to SSD for the next start
+            stats = engine.bus.stats
+            log.info("stopped after %d plans, %d bus collectives (%.2f per plan), %d doorbells, %.1f KB",
+                     stats.plans, stats.collectives, stats.collectives / max(stats.plans, 1), stats.doorbells,
+                     stats.bytes / 1e3)
         if ctx.state is not None:
             ctx.state.status = "stopped"
     except BaseException as e:  # any failure here ends this rank; the supervisor decides what next
@@ -237,8 +260,9 @@ def serve_http(ctx: RankContext) -> None:
     )
 
     class Server(uvicorn.Server):
-        def install_signal_handlers(self) -> None:  # ours, below
-            pass
+        @contextlib.contextmanager
+        def capture_signals(self):  # keep ours (below): SIGTERM drains instead of cutting requests off
+            yield
 
     server = Server(config)
     ctx.uvicorn_server = server

@@ -27,6 +27,7 @@ from mlx_cluster.server.generation import (
     chat_prompt,
     chunk,
     completion_prompt,
+    echo_chunk,
     full_response,
     make_request,
     sampling_params,
@@ -53,6 +54,8 @@ class ServerState:
     api_keys: tuple[str, ...] = ()
     started_at: float = field(default_factory=time.time)
     metrics: object | None = None
+    prefix_cache: object | None = None  # rank 0's PrefixCache (None when caching is off)
+    bus_stats: object | None = None
     wedged_after_s: float = 30.0
 
     @property
@@ -67,6 +70,27 @@ class ServerState:
         return time.monotonic() - timer.busy_since > self.wedged_after_s
 
 
+def _body_schema(model) -> dict:
+    """Document the JSON body in /openapi.json: handlers read the body themselves (size cap,
+    400 instead of 422), so FastAPI cannot infer it."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # added to components by _openapi_with_request_models
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi_with_request_models(app: FastAPI):
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatCompletionRequest, CompletionRequest):
+                defs = model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {})
+                components.update(defs)
+        return app.openapi_schema
+
+    return openapi
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -74,6 +98,7 @@ def error_response(err: APIError) -> JSONResponse:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="mlx-cluster", version="0.1.0")
     app.state.server = state
+    app.openapi = _openapi_with_request_models(app)
     if state.config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -137,6 +162,10 @@ def create_app(state: ServerState) -> FastAPI:
         body, content_type = state.metrics.render(state)
         return Response(body, media_type=content_type)
 
+    from mlx_cluster.server.admin import admin_router  # imported here: admin.py imports this module
+
+    app.include_router(admin_router(state))
+
     # ---- models ---------------------------------------------------------------------
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": int(state.started_at), "owned_by": "mlx-cluster"}
@@ -157,11 +186,11 @@ def create_app(state: ServerState) -> FastAPI:
         return model_card()
 
     # ---- generation -----------------------------------------------------------------
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
         return await generate(request, "completions")
 
@@ -184,6 +213,8 @@ def create_app(state: ServerState) -> FastAPI:
         )
         params = sampling_params(req, len(prompt), state.limits, set(tokenizer.eos_token_ids))
         stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
+        if kind == "completions" and req.echo:
+            stream.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
         if not state.frontend.submit(make_request(stream, prompt, params, req)):
             raise APIError(
                 429,
@@ -287,6 +318,9 @@ async def stream_events(state: ServerState, stream: RequestStream, req, timeout_
         if stream.kind == "chat":
             for i in range(req.n):
                 yield sse(chunk(stream, tokenizer, None, first=True, index=i))
+        elif stream.echo:
+            for i in range(req.n):
+                yield sse(echo_chunk(stream, i))
         async for event in stream.events(timeout_s):
             if state.metrics is not None:
                 state.metrics.token_event(stream, event)
@@ -347,5 +381,10 @@ async def collect(state: ServerState, request: Request, stream: RequestStream, r
 
 
 async def _watch_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
+    """Return once the client has gone. The body is already read, so the next ASGI message is the
+    disconnect; `request.is_disconnected()` never sees it behind the BaseHTTPMiddleware above."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.25)  # not expected; never spin

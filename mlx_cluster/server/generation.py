@@ -5,6 +5,7 @@ back to OpenAI response objects (whole or as stream chunks).
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 import uuid
@@ -53,6 +54,8 @@ def completion_prompt(tokenizer, req: CompletionRequest, vocab_size: int) -> lis
         if not req.prompt:
             raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
         return list(tokenizer.encode(req.prompt))
+    if not req.prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     bad = [t for t in req.prompt if not 0 <= t < vocab_size]
     if bad:
         raise APIError(400, f"prompt token ids must lie in [0, {vocab_size}); got {bad[0]}", param="prompt")
@@ -71,21 +74,22 @@ def sampling_params(req, prompt_len: int, limits: Limits, eos_ids: set[int]) -> 
         )
     room = limits.context_length - prompt_len
     max_tokens = req.max_new_tokens
+    max_param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, room)
     elif max_tokens > limits.max_tokens_cap:
         raise APIError(
             400,
-            f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_cap}",
-            param="max_tokens",
+            f"{max_param} is {max_tokens}; this server allows at most {limits.max_tokens_cap}",
+            param=max_param,
             code="invalid_value",
         )
     elif max_tokens > room:
         raise APIError(
             400,
             f"this model's context is {limits.context_length} tokens; the prompt uses {prompt_len}, "
-            f"so at most {room} can be generated, but max_tokens is {max_tokens}",
-            param="max_tokens",
+            f"so at most {room} can be generated, but {max_param} is {max_tokens}",
+            param=max_param,
             code="context_length_exceeded",
         )
     bias = ()
@@ -144,6 +148,8 @@ class RequestStream:
         self.t_start = time.monotonic()
         self.t_first: float | None = None
         self.t_last: float | None = None
+        self.echo = ""  # completions with echo: the prompt's text, sent before the completion
+        self.text_offsets: dict[int, int] = {}  # completions logprobs: where each choice's next token starts
 
     def deliver(self, event) -> None:
         """Called on the engine thread."""
@@ -187,10 +193,44 @@ def usage(done: DoneEvent) -> dict:
     }
 
 
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_level_decoder()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The token's own UTF-8 bytes. A token holding part of a character decodes to U+FFFD, so
+    take the bytes from its vocabulary piece instead (byte-level BPE, or SentencePiece <0xNN>)."""
+    if "\ufffd" in text:
+        try:
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+        except Exception:  # not a Hugging Face tokenizer: fall back to the decoded text
+            piece = None
+        if isinstance(piece, str) and piece:
+            m = _BYTE_PIECE.fullmatch(piece)
+            if m:
+                return [int(m.group(1), 16)]
+            if all(c in _BYTE_DECODER for c in piece):
+                return [_BYTE_DECODER[c] for c in piece]
+    return list(text.encode("utf-8"))
+
+
 def chat_logprobs(tokenizer, entries) -> list[dict]:
     def item(token_id, logprob):
         text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob, "bytes": token_bytes(tokenizer, token_id, text)}
 
     return [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top in entries]
 
@@ -223,9 +263,24 @@ def chunk(stream: RequestStream, tokenizer, event: TokenEvent | None, *, first: 
     else:
         choice = {"index": event.index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
         if event.logprobs:
-            choice["logprobs"] = completion_logprobs(tokenizer, event.logprobs, 0)
+            start = stream.text_offsets.get(event.index, len(stream.echo))
+            logprobs = completion_logprobs(tokenizer, event.logprobs, start)
+            stream.text_offsets[event.index] = start + sum(len(t) for t in logprobs["tokens"])
+            choice["logprobs"] = logprobs
         obj = "text_completion"
     return {"id": stream.id, "object": obj, "created": stream.created, "model": stream.model, "choices": [choice]}
+
+
+def echo_chunk(stream: RequestStream, index: int) -> dict:
+    """Completions with echo: the prompt's text, as the first chunk of each choice."""
+    choice = {"index": index, "text": stream.echo, "logprobs": None, "finish_reason": None}
+    return {
+        "id": stream.id,
+        "object": "text_completion",
+        "created": stream.created,
+        "model": stream.model,
+        "choices": [choice],
+    }
 
 
 def usage_chunk(stream: RequestStream) -> dict:
@@ -253,8 +308,8 @@ def full_response(stream: RequestStream, tokenizer, choices: list[Choice]) -> di
         else:
             item = {
                 "index": c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(tokenizer, c.logprobs, 0) if c.logprobs else None,
+                "text": stream.echo + c.text,
+                "logprobs": completion_logprobs(tokenizer, c.logprobs, len(stream.echo)) if c.logprobs else None,
                 "finish_reason": c.finish_reason,
             }
         out.append(item)

@@ -117,6 +117,27 @@ class Metrics:
             P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", L, registry=r
         )
         self.cache_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", L, registry=r)
+        self.cache_tier = {  # per tier of rank 0's prefix cache, read from its stats at scrape time
+            key: Gauge(P + "prefix_cache_" + name, doc, L + ["tier"], registry=r)
+            for key, name, doc in (
+                ("blocks", "blocks", "KV blocks held by a prefix-cache tier."),
+                ("bytes", "bytes", "Bytes held by a prefix-cache tier."),
+                ("hits", "tier_hits_total", "KV blocks restored from a prefix-cache tier."),
+                ("misses", "tier_misses_total", "KV blocks looked up in a prefix-cache tier and not found there."),
+                ("evictions", "evictions_total", "KV blocks evicted from a prefix-cache tier."),
+            )
+        }
+        self.cache_ssd = {
+            key: Gauge(P + "prefix_cache_ssd_" + key + suffix, doc, L, registry=r)
+            for key, suffix, doc in (
+                ("read_bytes", "_total", "Bytes read from the SSD tier."),
+                ("write_bytes", "_total", "Bytes written to the SSD tier."),
+                ("errors", "_total", "SSD tier I/O errors."),
+                ("corrupt", "_total", "SSD tier files that failed verification (deleted)."),
+                ("dropped_writes", "_total", "SSD tier writes dropped because the write queue was full."),
+                ("disabled", "", "1 when the SSD tier disabled itself after an error."),
+            )
+        }
         self.ttft = Histogram(
             P + "time_to_first_token_seconds", "Time to first token.", L, buckets=TTFT_BUCKETS, registry=r
         )
@@ -187,8 +208,12 @@ class Metrics:
         if frontend is not None:
             self.running.labels(m).set(frontend.stats.requests_running)
             self.waiting.labels(m).set(frontend.queue_depth)
-            kv = getattr(frontend, "kv_usage", None)
-            self.kv_usage.labels(m).set(kv() if callable(kv) else 0.0)
+        cache = getattr(state, "prefix_cache", None)
+        if cache is not None:
+            self._cache_samples(cache.stats())
+            self.kv_usage.labels(m).set(cache.usage())
+        else:
+            self.kv_usage.labels(m).set(0.0)
         self.ranks_up.labels(m).set(state.world_size if state.status in ("ready", "draining") else 0)
         timer = state.engine_timer
         if timer is not None:
@@ -199,3 +224,14 @@ class Metrics:
             self.bus_collectives.labels(m, "0").set(bus.collectives)
             self.bus_plans.labels(m, "0").set(bus.plans)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _cache_samples(self, stats) -> None:
+        m = self.model_name
+        tiers = {"ram": stats.ram, "ssd": stats.ssd}
+        for tier, s in tiers.items():
+            if s is not None:
+                for key, gauge in self.cache_tier.items():
+                    gauge.labels(m, tier).set(getattr(s, key))
+        if stats.ssd is not None:
+            for key, gauge in self.cache_ssd.items():
+                gauge.labels(m).set(float(getattr(stats.ssd, key)))

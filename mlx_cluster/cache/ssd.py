@@ -1,0 +1,357 @@
+"""The SSD tier: this rank's blocks as files under `<dir>/<model fingerprint>/tp<N>/rank<r>/`.
+
+* Writes never block the engine: they go through one bounded queue to one writer thread,
+  which writes a temp file in the same directory, fsyncs it and renames it into place, so a
+  reader sees a whole file or none. A full queue (in items or bytes) drops the write and
+  counts it.
+* Reads happen on the engine thread at restore and verify everything (see blockfile.py): a
+  damaged or foreign file is deleted, counted and treated as a miss.
+* Size is capped (least recently accessed files go first; a read touches the file) and files
+  not accessed for `ttl_s` expire, checked at startup and periodically by the writer.
+* Any write failure (unwritable directory, disk full) disables the tier: one warning, an
+  error count, `disabled` in the stats, and serving carries on without it.
+
+Blocks can differ between ranks here (a dropped write, a wiped disk): restores agree on what
+every rank has before using it (see prefix_cache.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_cluster.cache import blockfile
+from mlx_cluster.cache.blocks import Block
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class SsdStats:
+    """Counters of this rank's SSD tier (blocks and bytes are current, the rest cumulative)."""
+
+    dir: str = ""
+    blocks: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    read_bytes: int = 0
+    read_s: float = 0.0
+    writes: int = 0
+    write_bytes: int = 0
+    pending_writes: int = 0
+    dropped_writes: int = 0  # the write queue was full
+    corrupt: int = 0  # files that failed verification and were deleted
+    evictions: int = 0  # deleted to stay under the size cap
+    expired: int = 0  # deleted by the TTL
+    errors: int = 0
+    disabled: bool = False
+    disabled_reason: str = ""
+
+
+class SsdTier:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        fingerprint: str,
+        tp_size: int,
+        rank: int,
+        metadata: dict[str, str],
+        max_bytes: int,
+        ttl_s: float,
+        max_pending_writes: int = 4096,
+        max_pending_bytes: int = 1 << 30,
+        prune_interval_s: float = 60.0,
+    ):
+        self.dir = Path(root).expanduser() / fingerprint / f"tp{tp_size}" / f"rank{rank}"
+        self.metadata = metadata  # what every file of ours carries (namespace, rank)
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.prune_interval_s = prune_interval_s
+        self.max_pending_bytes = max_pending_bytes  # queued blocks hold memory (evicted ones only here)
+        self._pending_bytes = 0
+        self.stats = SsdStats(dir=str(self.dir), capacity_bytes=max_bytes)
+        self._lock = threading.Lock()  # guards _index, _pending, _epoch and the byte counts
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # block id -> file size, least recently used first
+        self._pending: dict[bytes, Block] = {}  # queued, not yet on disk: still readable
+        self._epoch = 0  # bumped by clear(): queued writes of an older epoch are discarded
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending_writes)
+        self._thread: threading.Thread | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".probe.{os.getpid()}.tmp"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            self._scan()
+        except OSError as e:
+            self._disable(f"cannot use {self.dir}: {e}")
+            return
+        self.prune()
+        self._thread = threading.Thread(target=self._writer, name="kv-ssd-writer", daemon=True)
+        self._thread.start()
+
+    # ---- queries (engine thread; rank 0 plans with contains()) --------------------------
+    @property
+    def enabled(self) -> bool:
+        return not self.stats.disabled
+
+    def contains(self, block_id: bytes) -> bool:
+        """Whether this tier has the block (read-only: no access-time update)."""
+        return self.enabled and (block_id in self._index or block_id in self._pending)
+
+    def _path(self, block_id: bytes) -> Path:
+        return self.dir / (block_id.hex() + SUFFIX)
+
+    def read(self, block_id: bytes, expected: dict[str, str] | None = None) -> Block | None:
+        """Load and verify a block, touching its access time; None (a miss) if absent or bad.
+
+        `expected` adds metadata the file must carry (e.g. n_tokens) to the namespace and rank."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            block = self._pending.get(block_id)
+            known = block_id in self._index
+        if block is not None:
+            self.stats.hits += 1
+            return block
+        if not known:
+            self.stats.misses += 1
+            return None
+        path = self._path(block_id)
+        t0 = time.perf_counter()
+        try:
+            data = path.read_bytes()
+            block = blockfile.decode(data, {**self.metadata, **(expected or {}), "block": block_id.hex()})
+        except FileNotFoundError:
+            self._forget(block_id)
+            self.stats.misses += 1
+            return None
+        except blockfile.BlockFileError as e:
+            log.warning("SSD KV block %s is unusable (%s): deleting it", path.name, e)
+            self.stats.corrupt += 1
+            self._delete(block_id)
+            self.stats.misses += 1
+            return None
+        except OSError as e:
+            self.stats.errors += 1
+            self.stats.misses += 1
+            log.warning("cannot read SSD KV block %s: %s", path, e)
+            return None
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.read_bytes += len(data)
+        self.stats.hits += 1
+        now = time.time()
+        try:
+            os.utime(path, (now, now))  # the access time drives LRU and TTL, also across restarts
+        except OSError:
+            pass
+        with self._lock:
+            if block_id in self._index:
+                self._index.move_to_end(block_id)
+        return block
+
+    # ---- writes (engine thread enqueues, the writer thread writes) ------------------------
+    def write(self, block_id: bytes, block: Block, wait_s: float = 0.0) -> None:
+        """Queue a block for writing. The engine never waits (wait_s=0): a full queue drops the
+        write and counts it. Shutdown passes wait_s to flush the RAM tier."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if block_id in self._index or block_id in self._pending:
+                return
+            if self._pending_bytes + block.nbytes > self.max_pending_bytes and not wait_s:
+                self.stats.dropped_writes += 1
+                return
+            self._pending[block_id] = block
+            self._pending_bytes += block.nbytes
+            self.stats.pending_writes = len(self._pending)
+            epoch = self._epoch
+        item = (epoch, block_id, block)
+        try:
+            if wait_s:
+                self._queue.put(item, timeout=wait_s)
+            else:
+                self._queue.put_nowait(item)
+        except queue.Full:
+            self._unpend(block_id, block)
+            self.stats.dropped_writes += 1
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until queued writes are on disk (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending and self.enabled and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._pending
+
+    def _writer(self) -> None:
+        next_prune = time.monotonic() + self.prune_interval_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                self._write_one(*item)
+            if time.monotonic() >= next_prune:
+                self.prune()
+                next_prune = time.monotonic() + self.prune_interval_s
+
+    def _write_one(self, epoch: int, block_id: bytes, block: Block) -> None:
+        try:
+            if self.enabled and epoch == self._epoch:
+                data = blockfile.encode(block, {**self.metadata, "block": block_id.hex()})
+                self._write_file(epoch, block_id, data)
+        except OSError as e:
+            self._disable(f"writing to {self.dir} failed: {e}")
+        except Exception as e:  # a bug must not kill the writer silently
+            self.stats.errors += 1
+            log.exception("SSD KV write of %s failed: %s", block_id.hex(), e)
+        finally:
+            self._unpend(block_id, block)
+
+    def _unpend(self, block_id: bytes, block: Block) -> None:
+        with self._lock:
+            if self._pending.get(block_id) is block:
+                del self._pending[block_id]
+                self._pending_bytes -= block.nbytes
+            self.stats.pending_writes = len(self._pending)
+
+    def _write_file(self, epoch: int, block_id: bytes, data: bytes) -> None:
+        final = self._path(block_id)
+        tmp = self.dir / f".{block_id.hex()}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            if epoch != self._epoch:  # cleared meanwhile
+                tmp.unlink(missing_ok=True)
+                return
+            os.replace(tmp, final)
+            old = self._index.pop(block_id, 0)
+            self._index[block_id] = len(data)
+            self.stats.bytes += len(data) - old
+            self.stats.blocks = len(self._index)
+        self.stats.writes += 1
+        self.stats.write_bytes += len(data)
+        if self.stats.bytes > self.max_bytes:
+            self._evict_to(self.max_bytes)
+
+    # ---- housekeeping ---------------------------------------------------------------
+    def _scan(self) -> None:
+        """Index the files already here (oldest access first) and remove stale temp files."""
+        entries = []
+        for entry in os.scandir(self.dir):
+            name = entry.name
+            if name.endswith(".tmp"):
+                Path(entry.path).unlink(missing_ok=True)
+                continue
+            if not name.endswith(SUFFIX):
+                continue
+            try:
+                block_id = bytes.fromhex(name[: -len(SUFFIX)])
+                st = entry.stat()
+            except (ValueError, OSError):
+                continue
+            entries.append((st.st_mtime, block_id, st.st_size))
+        entries.sort()
+        with self._lock:
+            self._index = OrderedDict((b, size) for _, b, size in entries)
+            self.stats.bytes = sum(size for _, _, size in entries)
+            self.stats.blocks = len(self._index)
+
+    def prune(self) -> None:
+        """Delete files not accessed within the TTL, then enforce the size cap."""
+        if not self.enabled:
+            return
+        cutoff = time.time() - self.ttl_s
+        with self._lock:
+            by_age = list(self._index)
+        for block_id in by_age:
+            try:
+                mtime = self._path(block_id).stat().st_mtime
+            except FileNotFoundError:
+                self._forget(block_id)
+                continue
+            except OSError:
+                continue
+            if mtime >= cutoff:
+                break  # the index is in access order: everything after is newer
+            self._delete(block_id)
+            self.stats.expired += 1
+        self._evict_to(self.max_bytes)
+
+    def _evict_to(self, max_bytes: int) -> None:
+        while self.stats.bytes > max_bytes:
+            with self._lock:
+                if not self._index:
+                    return
+                block_id = next(iter(self._index))
+            self._delete(block_id)
+            self.stats.evictions += 1
+
+    def _forget(self, block_id: bytes) -> None:
+        with self._lock:
+            size = self._index.pop(block_id, None)
+            if size is not None:
+                self.stats.bytes -= size
+                self.stats.blocks = len(self._index)
+
+    def _delete(self, block_id: bytes) -> None:
+        self._forget(block_id)
+        try:
+            self._path(block_id).unlink(missing_ok=True)
+        except OSError as e:
+            self.stats.errors += 1
+            log.warning("cannot delete SSD KV block %s: %s", block_id.hex(), e)
+
+    def _disable(self, reason: str) -> None:
+        self.stats.errors += 1
+        if self.stats.disabled:
+            return
+        self.stats.disabled = True
+        self.stats.disabled_reason = reason
+        log.warning("SSD KV cache tier disabled: %s; serving continues with the RAM tier only", reason)
+        with self._lock:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self.stats.pending_writes = 0
+
+    def clear(self) -> None:
+        """Delete every block of this rank (queued writes are discarded)."""
+        with self._lock:
+            self._epoch += 1
+            self._pending.clear()
+            self._pending_bytes = 0
+            self.stats.pending_writes = 0
+            ids = list(self._index)
+        for block_id in ids:
+            self._delete(block_id)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish queued writes (up to `timeout_s`) and stop the writer thread."""
+        if self._thread is None:
+            return
+        self.flush(timeout_s)
+        try:
+            self._queue.put(None, timeout=1.0)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=1.0)
+        self._thread = None

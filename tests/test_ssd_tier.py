@@ -1,0 +1,210 @@
+"""The SSD tier on its own: atomic writes, verification, size cap, TTL, failure handling."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import mlx.core as mx
+import pytest
+
+from mlx_cluster.cache.blocks import Block
+from mlx_cluster.cache.hashing import Namespace
+from mlx_cluster.cache.ssd import SsdTier
+
+NS = Namespace("ab" * 32, tp_size=1, dtype="float32", kv_bits=None, kv_group_size=64, block_size=4)
+
+
+def block(seed: int, tokens: int = 4) -> Block:
+    mx.random.seed(seed)
+    k = mx.random.normal((2, 2, tokens, 8))
+    v = mx.random.normal((2, 2, tokens, 8))
+    mx.eval(k, v)
+    return Block({"k": k, "v": v}, tokens, k.nbytes + v.nbytes)
+
+
+def tier(root, ns: Namespace = NS, rank: int = 0, **kw) -> SsdTier:
+    kw.setdefault("max_bytes", 10**9)
+    kw.setdefault("ttl_s", 3600.0)
+    return SsdTier(
+        root,
+        fingerprint=ns.model_fingerprint,
+        tp_size=ns.tp_size,
+        rank=rank,
+        metadata={**ns.fields(), "rank": str(rank)},
+        **kw,
+    )
+
+
+def bid(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def written(t: SsdTier, *ids: int) -> SsdTier:
+    for i in ids:
+        t.write(bid(i), block(i))
+    assert t.flush(10)
+    return t
+
+
+def test_round_trip_and_layout(tmp_path):
+    t = written(tier(tmp_path), 1)
+    assert t.dir == tmp_path / NS.model_fingerprint / "tp1" / "rank0"
+    files = os.listdir(t.dir)
+    assert files == [bid(1).hex() + ".safetensors"]  # no temp file left behind
+    got = t.read(bid(1))
+    assert got is not None and mx.array_equal(got.arrays["k"], block(1).arrays["k"])
+    assert t.stats.hits == 1 and t.stats.read_bytes > 0 and t.stats.writes == 1
+    assert t.read(bid(2)) is None and t.stats.misses == 1
+    t.close()
+
+
+def test_restart_finds_earlier_blocks(tmp_path):
+    written(tier(tmp_path), 1, 2).close()
+    again = tier(tmp_path)
+    assert again.contains(bid(1)) and again.contains(bid(2)) and again.stats.blocks == 2
+    assert again.read(bid(2)) is not None
+    again.close()
+
+
+def test_pending_writes_are_readable_and_a_full_queue_drops(tmp_path):
+    t = tier(tmp_path, max_pending_writes=1)
+    t.close()  # no writer any more: queued writes stay queued
+    t.write(bid(1), block(1))
+    assert t.contains(bid(1)) and t.read(bid(1)) is not None  # served from the queue
+    t.write(bid(2), block(2))  # the queue is full: dropped and counted, the caller never waits
+    assert t.stats.dropped_writes == 1 and not t.contains(bid(2)) and t.stats.pending_writes == 1
+
+
+def test_queued_bytes_are_bounded_too(tmp_path):
+    t = tier(tmp_path, max_pending_bytes=int(block(1).nbytes * 1.5))
+    t.close()
+    t.write(bid(1), block(1))
+    t.write(bid(2), block(2))
+    assert t.stats.dropped_writes == 1 and t.contains(bid(1)) and not t.contains(bid(2))
+
+
+def corrupt_by(kind: str, path):
+    data = path.read_bytes()
+    if kind == "zero":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif kind == "bitflip":
+        path.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    elif kind == "garbage-header":
+        path.write_bytes(b"\xff" * 8 + data[8:])
+    elif kind == "not-json":
+        path.write_bytes((20).to_bytes(8, "little") + b"{" * 20 + data[8:])
+
+
+@pytest.mark.parametrize("kind", ["zero", "truncated", "bitflip", "garbage-header", "not-json"])
+def test_damaged_files_are_misses_and_deleted(tmp_path, kind):
+    t = written(tier(tmp_path), 1)
+    path = t.dir / (bid(1).hex() + ".safetensors")
+    corrupt_by(kind, path)
+    assert t.read(bid(1)) is None
+    assert not path.exists() and t.stats.corrupt == 1 and not t.contains(bid(1))
+    assert not t.stats.disabled  # one bad file does not take the tier down
+    t.close()
+
+
+def test_foreign_files_are_misses_and_deleted(tmp_path):
+    other = Namespace(**{**NS.__dict__, "kv_bits": 8})  # same directory, different namespace
+    src = written(tier(tmp_path, other), 1)
+    src.close()
+    t = tier(tmp_path)
+    assert t.contains(bid(1))  # rank 0's index only lists names; the read verifies
+    assert t.read(bid(1)) is None and t.stats.corrupt == 1
+    # A file renamed to another block's id is foreign too (the id is in its metadata).
+    written(t, 2)
+    os.rename(t.dir / (bid(2).hex() + ".safetensors"), t.dir / (bid(5).hex() + ".safetensors"))
+    t2 = tier(tmp_path)
+    assert t2.read(bid(5)) is None and t2.stats.corrupt == 1
+    # A block from another rank's directory carries its rank.
+    r1 = written(tier(tmp_path, rank=1), 7)
+    r1.close()
+    os.rename(r1.dir / (bid(7).hex() + ".safetensors"), t2.dir / (bid(7).hex() + ".safetensors"))
+    t3 = tier(tmp_path)
+    assert t3.read(bid(7)) is None and t3.stats.corrupt == 1
+    for x in (t, t2, t3):
+        x.close()
+
+
+def test_size_cap_evicts_least_recently_accessed(tmp_path):
+    t = written(tier(tmp_path), 1)
+    size = t.stats.bytes
+    t.close()
+    t = tier(tmp_path, max_bytes=int(size * 2.5))
+    written(t, 2)
+    assert t.read(bid(1)) is not None  # 1 is now more recent than 2
+    written(t, 3)
+    assert t.stats.blocks == 2 and t.stats.evictions == 1
+    assert t.contains(bid(1)) and t.contains(bid(3)) and not t.contains(bid(2))
+    assert t.stats.bytes <= t.max_bytes
+    t.close()
+
+
+def test_ttl_prunes_old_files_at_startup(tmp_path):
+    t = written(tier(tmp_path), 1, 2)
+    t.close()
+    old = time.time() - 7200
+    os.utime(t.dir / (bid(1).hex() + ".safetensors"), (old, old))
+    t = tier(tmp_path, ttl_s=3600)
+    assert not t.contains(bid(1)) and t.contains(bid(2)) and t.stats.expired == 1
+    assert not (t.dir / (bid(1).hex() + ".safetensors")).exists()
+    t.close()
+
+
+def test_stale_temp_files_are_removed_at_startup(tmp_path):
+    t = written(tier(tmp_path), 1)
+    t.close()
+    (t.dir / ".deadbeef.123.tmp").write_bytes(b"partial")
+    t = tier(tmp_path)
+    assert os.listdir(t.dir) == [bid(1).hex() + ".safetensors"]
+    t.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_directory_disables_the_tier(tmp_path):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        t = tier(root)
+        assert t.stats.disabled and t.stats.errors == 1 and "cannot use" in t.stats.disabled_reason
+        t.write(bid(1), block(1))  # a no-op, no exception
+        assert t.read(bid(1)) is None and not t.contains(bid(1))
+    finally:
+        root.chmod(0o700)
+
+
+def test_unusable_path_disables_the_tier(tmp_path):
+    (tmp_path / "file").write_bytes(b"not a directory")
+    t = tier(tmp_path / "file")
+    assert t.stats.disabled and t.stats.errors == 1
+    t.write(bid(1), block(1))
+    assert t.read(bid(1)) is None
+
+
+def test_write_failure_disables_the_tier(tmp_path, monkeypatch):
+    t = tier(tmp_path)
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    t.write(bid(1), block(1))
+    t.flush(10)
+    assert t.stats.disabled and "No space left" in t.stats.disabled_reason and t.stats.errors == 1
+    assert not t.contains(bid(1))
+    t.close()
+
+
+def test_clear_deletes_everything(tmp_path):
+    t = written(tier(tmp_path), 1, 2, 3)
+    t.clear()
+    assert t.stats.blocks == 0 and t.stats.bytes == 0 and os.listdir(t.dir) == []
+    written(t, 4)
+    assert t.contains(bid(4))
+    t.close()
