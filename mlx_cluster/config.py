@@ -101,6 +101,7 @@ class ServerSection(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     open_probes: bool = True
     open_metrics: bool = True
+    wedged_after_s: float = Field(30.0, gt=0)  # /readyz fails when work waits this long without a finished step
 
 
 class SchedulerSection(_Strict):
@@ -111,6 +112,7 @@ class SchedulerSection(_Strict):
     max_tokens_cap: int = Field(32768, ge=1)
     prefill_chunk_tokens: int = Field(512, ge=16, le=65536)
     prefill_batch_size: int = Field(8, ge=1, le=256)
+    max_kv_tokens: int = Field(65536, ge=256)  # live KV budget: prompt + max_tokens reserved per sequence
 
 
 class SsdSection(_Strict):

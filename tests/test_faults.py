@@ -220,3 +220,26 @@ def test_crash_loop_gives_up_with_a_clear_message(tmp_path, models_dir):
     out = cluster.output()
     assert "giving up" in out and "no-such-model" in out
     assert all(not pid_alive(p) for p in cluster.rank_pids())
+
+
+def test_readyz_reports_a_wedged_engine_and_recovers(tmp_path, models_dir):
+    cluster = Cluster(
+        tmp_path,
+        ranks=2,
+        models_dir=models_dir,
+        config={"server": {"wedged_after_s": 1.5}, "supervisor": {"collective_timeout_s": 60}},
+    ).start()
+    try:
+        pids = cluster.rank_pids()
+        os.kill(pids[1], signal.SIGSTOP)
+        t = threading.Thread(target=lambda: cluster.post("/v1/completions", {"prompt": "x", "max_tokens": 4}))
+        t.start()
+        cluster.wait_for(lambda: cluster.readyz() == 503, 15, "/readyz to report the wedged engine")
+        assert httpx.get(cluster.url + "/livez", timeout=5).status_code == 200  # alive, just not ready
+        assert httpx.get(cluster.url + "/health", timeout=5).json()["status"] == "degraded"
+        os.kill(pids[1], signal.SIGCONT)
+        t.join(30)
+        cluster.wait_for(lambda: cluster.readyz() == 200, 15, "/readyz to recover")
+        assert cluster.rank_pids() == pids  # a stall shorter than collective_timeout_s restarts nothing
+    finally:
+        cluster.stop()

@@ -285,3 +285,36 @@ def test_sigterm_drains(tmp_path, models_dir):
     state = cluster.state()
     assert state["status"] == "stopped" and state["restarts"] == 0
     assert all(r["exit_code"] in (0, None) for r in state["ranks"]), json.dumps(state)
+
+
+def test_kv_pressure_is_503_with_retry_after(tmp_path, models_dir):
+    cluster = Cluster(
+        tmp_path,
+        ranks=1,
+        models_dir=models_dir,
+        config={"scheduler": {"max_kv_tokens": 400, "max_batch_size": 8, "max_queue": 16}},
+    ).start()
+    try:
+        r = cluster.post("/v1/completions", {"prompt": "x", "max_tokens": 500})
+        assert r.status_code == 400 and "KV budget" in r.json()["error"]["message"]
+        long = {"prompt": "hello", "max_tokens": 180, "temperature": 0, "ignore_eos": True}
+        codes = []
+        threads = [
+            threading.Thread(target=lambda: codes.append(cluster.post("/v1/completions", long).status_code))
+            for _ in range(3)
+        ]  # two fit the budget, the third waits for room
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        r = cluster.post("/v1/completions", long)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "kv_cache_full" and r.headers["retry-after"]
+        metrics = httpx.get(cluster.url + "/metrics", timeout=5).text
+        usage = float(metrics.split('mlx_cluster_kv_cache_usage_perc{model_name="builtin:tiny"} ')[1].split()[0])
+        assert 0.8 < usage <= 1.0
+        for t in threads:
+            t.join(120)
+        assert codes == [200, 200, 200]
+        assert cluster.post("/v1/completions", long).status_code == 200  # room again
+    finally:
+        cluster.stop()

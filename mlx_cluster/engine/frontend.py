@@ -95,7 +95,16 @@ class FrontendStats:
 
 
 class Frontend:
-    def __init__(self, tokenizer, *, max_batch_size: int, max_new_per_step: int, max_queue: int, prefix_cache=None):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_batch_size: int,
+        max_new_per_step: int,
+        max_queue: int,
+        prefix_cache=None,
+        max_kv_tokens: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_new_per_step = max_new_per_step
@@ -115,6 +124,11 @@ class Frontend:
         self._seq_ids = itertools.count(1)
         self._clear_requested: list[Callable[[], None]] = []  # callbacks waiting for a cache clear plan
         self._clear_published: list[Callable[[], None]] = []  # ... whose plan runs this step
+        # Live KV budget in tokens: each admitted sequence reserves prompt + max_tokens, so a
+        # running sequence can never run out of KV room mid-generation (no preemption needed).
+        self.max_kv_tokens = max_kv_tokens
+        self._kv_reserved = 0  # written by the engine thread, read by the HTTP thread
+        self._kv_need: dict[int, int] = {}
         self.shutdown_requested = False
         self.stats = FrontendStats()
 
@@ -129,6 +143,30 @@ class Frontend:
         self._inbox.put(("submit", req))
         self._wake.set()
         return True
+
+    def kv_admission_error(self, prompt_len: int, max_tokens: int, n: int) -> str | None:
+        """Why a request cannot be queued for KV reasons: "too_large" (never fits: 400) or
+        "kv_full" (no room now and others already wait for room: 503, retry later)."""
+        if self.max_kv_tokens is None:
+            return None
+        need = (prompt_len + max_tokens) * n
+        if need > self.max_kv_tokens:
+            return "too_large"
+        if self._kv_reserved + need > self.max_kv_tokens and self._queued > 0:
+            return "kv_full"
+        return None
+
+    def kv_usage(self) -> float:
+        """Fraction of the live KV budget reserved by running sequences (0-1)."""
+        return self._kv_reserved / self.max_kv_tokens if self.max_kv_tokens else 0.0
+
+    def _reserve(self, seq: NewSequence) -> None:
+        need = len(seq.prompt) + seq.params.max_tokens
+        self._kv_need[seq.seq_id] = need
+        self._kv_reserved += need
+
+    def _release(self, seq_id: int) -> None:
+        self._kv_reserved -= self._kv_need.pop(seq_id, 0)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -166,7 +204,7 @@ class Frontend:
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._requests)
 
-    def next_plan(self, step: int, digest: int, kv_tokens_free: int | None = None) -> StepPlan:
+    def next_plan(self, step: int, digest: int) -> StepPlan:
         self._drain_inbox()
         decision = schedule(
             SchedulerInput(
@@ -178,19 +216,22 @@ class Frontend:
                 max_new_per_step=self.max_new_per_step,
                 digest=digest,
                 shutdown=self.shutdown_requested and not self._running and not self._waiting,
-                kv_tokens_free=kv_tokens_free,
+                kv_tokens_free=None if self.max_kv_tokens is None else self.max_kv_tokens - self._kv_reserved,
             )
         )
         now = time.monotonic()
         for _ in range(decision.admitted):
             seq = self._waiting.popleft()
             self._running.add(seq.seq_id)
+            self._reserve(seq)
             state = self._seqs[seq.seq_id]
             if state.request.admitted_at is None:
                 state.request.admitted_at = now
                 with self._queued_lock:
                     self._queued -= 1
         self._running.difference_update(decision.plan.drop)
+        for seq_id in decision.plan.drop:
+            self._release(seq_id)
         self._drop.clear()
         self._update_stats()
         plan = decision.plan
@@ -269,6 +310,7 @@ class Frontend:
             seq = self._seqs.get(out.seq_id)
             if out.finish_reason is not None:
                 self._running.discard(out.seq_id)
+                self._release(out.seq_id)
             if seq is None or seq.finished:
                 continue  # aborted, or the extra token computed after a stop string
             seq.tokens += 1
@@ -326,6 +368,8 @@ class Frontend:
         self._seqs.clear()
         self._waiting.clear()
         self._running.clear()
+        self._kv_need.clear()
+        self._kv_reserved = 0
 
     def _update_stats(self) -> None:
         s = self.stats

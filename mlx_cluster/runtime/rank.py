@@ -136,6 +136,7 @@ def build_engine(ctx: RankContext, stream):
             max_new_per_step=sched.prefill_batch_size,
             max_queue=sched.max_queue,
             prefix_cache=prefix_cache,
+            max_kv_tokens=sched.max_kv_tokens,
         )
         ctx.frontend = frontend
         state = ctx.state
@@ -193,9 +194,14 @@ def engine_thread_main(ctx: RankContext) -> None:
             engine.run()
             engine.executor.close()  # flushes the prefix cache's RAM tier to SSD for the next start
             stats = engine.bus.stats
-            log.info("stopped after %d plans, %d bus collectives (%.2f per plan), %d doorbells, %.1f KB",
-                     stats.plans, stats.collectives, stats.collectives / max(stats.plans, 1), stats.doorbells,
-                     stats.bytes / 1e3)
+            log.info(
+                "stopped after %d plans, %d bus collectives (%.2f per plan), %d doorbells, %.1f KB",
+                stats.plans,
+                stats.collectives,
+                stats.collectives / max(stats.plans, 1),
+                stats.doorbells,
+                stats.bytes / 1e3,
+            )
         if ctx.state is not None:
             ctx.state.status = "stopped"
     except BaseException as e:  # any failure here ends this rank; the supervisor decides what next
@@ -302,7 +308,10 @@ def main() -> None:
         from mlx_cluster.server.auth import load_api_keys
 
         ctx.state = ServerState(
-            config=config, world_size=world_size, api_keys=load_api_keys(config.server.api_key_file)
+            config=config,
+            world_size=world_size,
+            api_keys=load_api_keys(config.server.api_key_file),
+            wedged_after_s=config.server.wedged_after_s,
         )
         thread = threading.Thread(target=engine_thread_main, args=(ctx,), name="engine", daemon=True)
         ctx.state.engine_alive = thread.is_alive

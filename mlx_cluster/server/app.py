@@ -63,11 +63,16 @@ class ServerState:
         return self.config.model.served_name
 
     def wedged(self) -> bool:
-        """Work is pending but the engine has not finished a step for too long."""
+        """A step has run for too long, or work is pending but no step has finished for too long."""
+        now = time.monotonic()
         timer = self.engine_timer
-        if timer is None or not timer.busy_since:
+        if timer is not None and timer.busy_since and now - timer.busy_since > self.wedged_after_s:
+            return True
+        frontend = self.frontend
+        if frontend is None or not frontend.has_work_threadsafe():
             return False
-        return time.monotonic() - timer.busy_since > self.wedged_after_s
+        last = frontend.stats.last_step_at
+        return bool(last) and now - last > self.wedged_after_s
 
 
 def _body_schema(model) -> dict:
@@ -215,6 +220,22 @@ def create_app(state: ServerState) -> FastAPI:
         stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
         if kind == "completions" and req.echo:
             stream.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
+        kv_error = state.frontend.kv_admission_error(len(prompt), params.max_tokens, req.n)
+        if kv_error == "too_large":
+            raise APIError(
+                400,
+                f"prompt + max_tokens ({(len(prompt) + params.max_tokens) * req.n} tokens for n={req.n}) "
+                f"exceeds this server's KV budget of {state.config.scheduler.max_kv_tokens} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if kv_error == "kv_full":
+            raise APIError(
+                503,
+                "the KV cache is full and requests are already waiting for room; retry soon",
+                code="kv_cache_full",
+                headers={"Retry-After": "2"},
+            )
         if not state.frontend.submit(make_request(stream, prompt, params, req)):
             raise APIError(
                 429,
@@ -251,6 +272,8 @@ async def read_json(request: Request, max_bytes: int):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # e.g. 100k nested '[': a client error, not a 500
+        raise APIError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def check_serving(state: ServerState) -> None:

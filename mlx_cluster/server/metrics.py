@@ -89,7 +89,12 @@ class Metrics:
         L = ["model_name"]
         self.running = Gauge(P + "num_requests_running", "Requests in the running batch.", L, registry=r)
         self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled.", L, registry=r)
-        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of the KV budget in use (0-1).", L, registry=r)
+        self.kv_usage = Gauge(
+            P + "kv_cache_usage_perc",
+            "Fraction of the live KV budget (scheduler.max_kv_tokens) reserved by running sequences (0-1).",
+            L,
+            registry=r,
+        )
         self.ranks_up = Gauge(P + "ranks_up", "Ranks of the group that are serving.", L, registry=r)
         self.step_time = Gauge(
             P + "engine_step_seconds", "Duration of the last engine step on this rank.", L + ["rank"], registry=r
@@ -97,8 +102,9 @@ class Metrics:
         self.bus_bytes = Gauge(
             P + "bus_bytes_total", "Bytes moved through the control bus by this rank.", L + ["rank"], registry=r
         )
-        self.bus_plans = Gauge(P + "bus_plans_total", "Step plans published or received by this rank.",
-                               L + ["rank"], registry=r)
+        self.bus_plans = Gauge(
+            P + "bus_plans_total", "Step plans published or received by this rank.", L + ["rank"], registry=r
+        )
         self.bus_collectives = Gauge(
             P + "bus_collectives_total", "Control bus collectives run by this rank.", L + ["rank"], registry=r
         )
@@ -208,12 +214,12 @@ class Metrics:
         if frontend is not None:
             self.running.labels(m).set(frontend.stats.requests_running)
             self.waiting.labels(m).set(frontend.queue_depth)
+            # Live KV reserved by running sequences, as vLLM reports it; the prefix cache's
+            # own RAM tier has its own gauges (prefix_cache_bytes{tier="ram"}).
+            self.kv_usage.labels(m).set(frontend.kv_usage())
         cache = getattr(state, "prefix_cache", None)
         if cache is not None:
             self._cache_samples(cache.stats())
-            self.kv_usage.labels(m).set(cache.usage())
-        else:
-            self.kv_usage.labels(m).set(0.0)
         self.ranks_up.labels(m).set(state.world_size if state.status in ("ready", "draining") else 0)
         timer = state.engine_timer
         if timer is not None:
