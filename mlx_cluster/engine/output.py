@@ -16,9 +16,12 @@ class TextAssembler:
         self.hidden = hidden_token_ids
         self.text = ""
         self.sent = 0
+        self.stopped = False  # a stop string matched; nothing after it is ever released
 
     def add(self, token: int) -> tuple[str, bool]:
         """Feed one token; returns (text that may be sent now, whether a stop string matched)."""
+        if self.stopped:
+            return "", True
         if token not in self.hidden:
             self.detokenizer.add_token(token)
             self.text += self.detokenizer.last_segment
@@ -26,6 +29,8 @@ class TextAssembler:
 
     def finish(self) -> str:
         """Flush what was held back once the sequence has ended for another reason."""
+        if self.stopped:
+            return ""
         self.detokenizer.finalize()
         self.text += self.detokenizer.last_segment
         delta, _ = self._release(final=True)
@@ -40,6 +45,7 @@ class TextAssembler:
                 delta = self.text[self.sent : end]
                 self.text = self.text[:end]
                 self.sent = end
+                self.stopped = True
                 return delta, True
         end = len(self.text) if final or not self.stop else max(self.sent, len(self.text) - self.hold_chars)
         delta = self.text[self.sent : end]

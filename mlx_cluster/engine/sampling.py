@@ -20,6 +20,8 @@ class SeededSampler:
         self.params = params
         self.top_k = params.top_k if 0 < params.top_k < vocab_size else 0
         self.key = mx.random.key(params.seed & 0xFFFFFFFFFFFFFFFF)
+        # 1/T overflows float32 below T ~ 3e-39 (inf * 0 = NaN: random tokens); capped, it is argmax.
+        self.inv_temperature = min(1.0 / params.temperature, 1e30)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         p = self.params
@@ -30,7 +32,7 @@ class SeededSampler:
         if self.top_k:
             logprobs = apply_top_k(logprobs, self.top_k)
         self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1.0 / p.temperature), key=sub)
+        return mx.random.categorical(logprobs * self.inv_temperature, key=sub)
 
 
 def make_sampler(params: SamplingParams, vocab_size: int) -> SeededSampler | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 log = logging.getLogger(__name__)
 _reported_unknown: set[str] = set()
@@ -53,7 +53,9 @@ _TYPES = {
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a wrong JSON type is the client's bug ("stream": "yes", "n": "2"), answered with a 400
+    # naming the field, not silently coerced.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -108,7 +110,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
@@ -146,11 +148,13 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
-    @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, v, info: ValidationInfo):
+        # A field validator (not a model one) so the error names top_logprobs.
+        if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs: true")
-        return self
+        return v
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -181,6 +185,17 @@ class CompletionRequest(_Request):
         return self.max_tokens
 
 
+# Union members and validators show up in pydantic's error locations ("prompt.str",
+# "messages.0.content.list[ContentPart]"); the client's param is the path without them.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_param_part(part) -> bool:
+    if isinstance(part, int):
+        return True
+    return part.isidentifier() and part.islower() and part not in _TYPE_TAGS
+
+
 def parse_request(model_cls: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body into `model_cls`, or raise a 400 APIError naming the field."""
     if not isinstance(data, dict):
@@ -189,7 +204,7 @@ def parse_request(model_cls: type[BaseModel], data: Any) -> Any:
         request = model_cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or None
+        param = ".".join(str(p) for p in err["loc"] if _is_param_part(p)) or None
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value") from None
     unknown = [f for f in request.unknown_fields() if f not in _reported_unknown]
