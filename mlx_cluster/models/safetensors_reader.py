@@ -162,10 +162,16 @@ class SafetensorsReader:
                 index[axis] = slice(lo, hi)
                 parts.append(view[tuple(index)])
         # One copy out of the mapping; mx.array copies strided views correctly.
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+        # A column block is a strided view: make it row-contiguous here, or the matmul kernels
+        # take a slow path on every call (measured on CUDA: 2x slower decode).
+        data = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis))
         self.bytes_read += data.nbytes
         array = mx.array(data)
         if info.dtype == "BF16":
             array = array.view(mx.bfloat16)
+        if mx.default_device() == mx.gpu and array.dtype != mx.bool_:
+            # An array made from host memory stays host-backed on CUDA; one device op moves it
+            # into device memory (measured: 8B TP=2 decode 13.7 ms -> 8.1 ms per token).
+            array = array + mx.array(0, dtype=array.dtype)
         mx.eval(array)  # materialise now, so the mapping is not referenced lazily
         return array
