@@ -88,10 +88,3 @@ with mx.stream(stream):
         model.update(tree_unflatten(params))
         mx.eval(model.parameters())
         timed("forward after mx.contiguous on every parameter", forward)
-
-    if "--inference-linears" in sys.argv:
-        from mlx_cluster.models.tp import use_inference_linears
-
-        n = use_inference_linears(model)
-        timed(f"forward with inference-only sharded linears ({n} swapped)", forward)
-        timed("forward, async-pipelined, inference-only linears", forward_async_pipelined)

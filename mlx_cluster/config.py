@@ -106,7 +106,7 @@ class ServerSection(_Strict):
 
 class SchedulerSection(_Strict):
     max_batch_size: int = Field(16, ge=1, le=1024)
-    max_queue: int = Field(128, ge=0, le=100_000)
+    max_queue: int = Field(128, ge=1, le=100_000)
     max_prompt_tokens: int = Field(8192, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_cap: int = Field(32768, ge=1)
@@ -135,6 +135,7 @@ class SupervisorSection(_Strict):
     restart: Literal["never", "on-failure"] = "on-failure"
     max_restarts: int = Field(3, ge=0, le=1000)
     backoff_s: float = Field(1.0, ge=0, le=600)
+    restart_window_s: float = Field(600, gt=0)  # a group up this long counts as healthy: restarts reset
     collective_timeout_s: float = Field(60, gt=0, le=3600)
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     drain_timeout_s: float = Field(30, ge=0, le=3600)

@@ -79,3 +79,13 @@ def test_hostfile_is_mlx_launch_format():
     data = json.loads(write_hostfile(cfg))
     assert data["backend"] == "ring" and data["envs"] == ["A=b"]
     assert data["hosts"] == [{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 2
+
+
+def test_tensor_parallel_size_is_checked_before_anything_starts(tmp_path, tiny_model_path):
+    from mlx_cluster.launcher.supervisor import Supervisor
+
+    cfg = load_config(
+        None, ["hosts=[{host: localhost, ranks: 3}]", f"model.path={tiny_model_path}", f"cluster.run_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError, match=r"num_key_value_heads is 4, which 3 ranks cannot split evenly.*1, 2, 4"):
+        Supervisor(cfg, None)._check_model()

@@ -17,6 +17,7 @@ ACTIVE = ("starting", "running", "restarting", "stopping")
 
 
 def pid_alive(pid: int | None) -> bool:
+    """True while the process runs; an exited process its parent has not reaped yet counts as gone."""
     if not pid:
         return False
     try:
@@ -25,7 +26,10 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is all we know
 
 
 class RunDir:

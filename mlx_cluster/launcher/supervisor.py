@@ -41,6 +41,7 @@ class Supervisor:
         self.run_dir = RunDir.for_cluster(config)
         self.procs: list = []
         self.restarts = 0
+        self.group_started_at = time.monotonic()
         self.stopping = False
         self.http_socket: socket.socket | None = None
         self._out_lock = threading.Lock()
@@ -61,6 +62,7 @@ class Supervisor:
         """Checks that need nothing running: another launcher, busy ports, the HTTP socket."""
         self.run_dir.claim()
         check_local_ports(self.placement)
+        self._check_model()
         rank0 = self.placement.ranks[0]
         if rank0.is_local:
             server = self.config.server
@@ -73,10 +75,50 @@ class Supervisor:
             self.http_socket = sock
         self._check_exposure()
 
+    def _check_model(self) -> None:
+        """Fail before starting anything when the model cannot be split over this many ranks
+        (otherwise every restart would fail the same way at load time)."""
+        import json
+        from pathlib import Path
+
+        from mlx_cluster.models.builtin import resolve_model_path
+
+        model = self.config.model
+        if not self.placement.ranks[0].is_local and not model.path.startswith("builtin:"):
+            return  # the path names a directory on the remote hosts
+        try:
+            path = Path(resolve_model_path(model.path, model.builtin_dir)).expanduser()
+        except ValueError as e:
+            raise ConfigError(f"model.path: {e}") from None
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            return  # a Hugging Face id or a remote-only path: the ranks resolve it
+        config = json.loads(config_file.read_text())
+        config = config.get("text_config", config) | config
+        world = self.placement.world_size
+        for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
+            value = config.get(key)
+            if key == "num_key_value_heads" and value is None:
+                value = config.get("num_attention_heads")
+            if isinstance(value, int) and value % world:
+                divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+                raise ConfigError(
+                    f"model {model.path}: {key} is {value}, which {world} ranks cannot split evenly; "
+                    f"use a number of ranks that divides it ({', '.join(map(str, divisors))})"
+                )
+
     def _check_exposure(self) -> None:
         from mlx_cluster.server.auth import load_api_keys
 
         server = self.config.server
+        if not self.placement.ranks[0].is_local:
+            # Rank 0 reads the key file on its own host; here we can only see that one is set.
+            if not (server.api_key_file or os.environ.get("MLX_CLUSTER_API_KEY") or server.allow_insecure):
+                raise ConfigError(
+                    "rank 0 runs on another host: set server.api_key_file (a path on that host), "
+                    "MLX_CLUSTER_API_KEY, or server.allow_insecure: true"
+                )
+            return
         try:
             keys = load_api_keys(server.api_key_file)
         except ValueError as e:
@@ -206,6 +248,8 @@ class Supervisor:
                     return 0
                 self.say(f"{failure}; stopping the group")
                 self.stop_group(graceful=False)
+                if time.monotonic() - self.group_started_at > sup.restart_window_s:
+                    self.restarts = 0  # it ran healthy for a while: this is not a crash loop
                 if sup.restart == "never" or self.restarts >= sup.max_restarts:
                     why = (
                         "restart: never"
@@ -232,6 +276,7 @@ class Supervisor:
 
     def run_group(self) -> str | None:
         """Start the group and watch it; None after a clean stop, else what went wrong."""
+        self.group_started_at = time.monotonic()
         try:
             self.start_group()
         except Exception as e:  # a rank that cannot be launched (SSH refused, bad python, ...)
