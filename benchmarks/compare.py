@@ -70,6 +70,9 @@ def start_ours(model: str, ranks: int, workdir: Path, max_batch: int) -> tuple[s
         "model": {"path": model, "name": model},
         "server": {"port": port},
         "scheduler": {"max_batch_size": max_batch},
+        # A fresh SSD tier per start: repeats send the same prompts, and blocks kept from an
+        # earlier start would turn later repeats into cache hits the anchor cannot have.
+        "cache": {"ssd": {"dir": str(workdir / f"kv-{port}")}},
     }
     path = workdir / f"bench-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
