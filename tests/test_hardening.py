@@ -318,3 +318,19 @@ def test_kv_pressure_is_503_with_retry_after(tmp_path, models_dir):
         assert cluster.post("/v1/completions", long).status_code == 200  # room again
     finally:
         cluster.stop()
+
+
+def test_per_request_timeout(tmp_path, models_dir):
+    cluster = Cluster(tmp_path, ranks=1, models_dir=models_dir, config={"server": {"request_timeout_s": 1}}).start()
+    try:
+        long = {"prompt": "x", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+        r = cluster.post("/v1/completions", long)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        with httpx.stream("POST", cluster.url + "/v1/completions", json={**long, "stream": True}, timeout=30) as s:
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert json.loads(lines[-2][6:])["error"]["code"] == "request_timeout" and lines[-1] == "data: [DONE]"
+        # The timed-out sequences were aborted: the engine is free again.
+        cluster.wait_for(lambda: httpx.get(cluster.url + "/health").json()["running_sequences"] == 0, 10, "abort")
+        assert cluster.post("/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        cluster.stop()
