@@ -59,6 +59,18 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def survivors(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait up to timeout_s for every pid to exit; SIGKILL and return the ones that did not,
+    so a failing test still never leaks a process."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if pid_alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    return left
+
+
 class Cluster:
     """One `mlx-cluster up` process and the ranks it supervises."""
 

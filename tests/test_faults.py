@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster import REPO, Cluster, pid_alive
+from tests.cluster import REPO, Cluster, pid_alive, survivors
 
 TIMEOUT_S = 3  # supervisor.collective_timeout_s for these clusters
 
@@ -149,13 +149,7 @@ def test_launcher_sigkill_leaves_no_orphans(tmp_path, models_dir):
     assert len(pids) == 2 and all(pid_alive(p) for p in pids)
     cluster.proc.kill()
     cluster.proc.wait()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.05)
-    leftovers = [p for p in pids if pid_alive(p)]
-    for p in leftovers:
-        os.kill(p, signal.SIGKILL)
-    assert not leftovers, "ranks outlived their launcher"
+    assert not survivors(pids, 5), "ranks outlived their launcher"
 
 
 def test_down_drains_and_stops_everything(tmp_path, models_dir):

@@ -3,12 +3,11 @@ host-key checking on) by `mlx-cluster up`, talking ring over veth pairs and a br
 
 import signal
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.cluster import REPO, Cluster, free_port, pid_alive
+from tests.cluster import REPO, Cluster, free_port, survivors
 from tests.netns import needs_netns, ssh_hosts  # noqa: F401  (fixture)
 
 pytestmark = needs_netns
@@ -51,10 +50,7 @@ def test_two_hosts_over_ssh_serve_requests(tmp_path, models_dir, ssh_hosts):  # 
         assert API_KEY not in cluster.output()
         for log in (Path(cluster.config["cluster"]["run_dir"]) / cluster.name).glob("rank*.log"):
             assert API_KEY not in log.read_text()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.1)
-    assert not any(pid_alive(p) for p in pids), "remote ranks outlived `up`"
+    assert not survivors(pids, 10), "remote ranks outlived `up`"
 
 
 def test_remote_ranks_die_with_their_launcher(tmp_path, models_dir, ssh_hosts):  # noqa: F811
@@ -62,15 +58,7 @@ def test_remote_ranks_die_with_their_launcher(tmp_path, models_dir, ssh_hosts): 
     pids = cluster.rank_pids()
     cluster.proc.send_signal(signal.SIGKILL)
     cluster.proc.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.1)
-    leftovers = [p for p in pids if pid_alive(p)]
-    for p in leftovers:
-        import os
-
-        os.kill(p, signal.SIGKILL)
-    assert not leftovers
+    assert not survivors(pids, 15), "remote ranks outlived their launcher"
 
 
 def test_unknown_host_key_is_refused(tmp_path, models_dir, ssh_hosts):  # noqa: F811
