@@ -128,21 +128,23 @@ def test_queue_full_is_429_with_retry_after(secured):
     def send():
         results.append(secured.post("/v1/completions", long, headers=auth(KEYS[0])).status_code)
 
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for t in threads:
+    def health():
+        return httpx.get(secured.url + "/health", timeout=5).json()
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads[:2]:  # fill the batch (max_batch_size 2) ...
         t.start()
-        time.sleep(0.05)
-    codes = []
-    for _ in range(3):
-        r = secured.post("/v1/completions", BODY, headers=auth(KEYS[0]))
-        codes.append(r.status_code)
-        if r.status_code == 429:
-            assert r.headers["retry-after"]
-            assert r.json()["error"]["type"] == "rate_limit_error"
+    secured.wait_for(lambda: health()["running_requests"] == 2, 30, "two running requests")
+    for t in threads[2:]:  # ... then the queue (max_queue 2)
+        t.start()
+    secured.wait_for(lambda: health()["queue_depth"] == 2, 30, "two waiting requests")
+    r = secured.post("/v1/completions", BODY, headers=auth(KEYS[0]))
+    assert r.status_code == 429, r.text
+    assert r.headers["retry-after"]
+    assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "queue_full"
     for t in threads:
         t.join(120)
-    assert 429 in codes or 429 in results
-    assert results.count(200) >= 4  # 2 running + 2 queued at least
+    assert results == [200] * 4  # everything admitted before the queue filled is served
 
 
 def test_metrics_use_vllm_names(secured):
