@@ -1,0 +1,86 @@
+"""`mlx-cluster serve --model DIR`: the one-process shortcut, with a local mlx-lm directory."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.cluster import REPO, free_port
+
+
+def test_serve_a_local_model_directory(tmp_path, tiny_model_path):
+    # A plain mlx-lm directory (not a builtin: path), as a user's converted model would be.
+    model_dir = tmp_path / "my-model"
+    shutil.copytree(tiny_model_path, model_dir)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_cluster",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--set",
+            f"cluster.run_dir={tmp_path / 'runs'}",
+            "--set",
+            f"cache.ssd.dir={tmp_path / 'kv'}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", timeout=5).json()
+        assert models["data"][0]["id"] == str(model_dir)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=60,
+            json={"model": str(model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "ready: 1 rank(s)" in out and "stopped" in out
+
+
+def test_serve_reports_a_missing_model_clearly(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_cluster",
+            "serve",
+            "--model",
+            str(tmp_path / "nope"),
+            "--port",
+            str(free_port()),
+            "--no-restart",
+            "--set",
+            f"cluster.run_dir={tmp_path / 'runs'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stdout + proc.stderr
