@@ -48,14 +48,19 @@ def generate_ok(cluster) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_sigkill_worker_while_idle(faulty):
-    before, pids = restarts(faulty), faulty.rank_pids()
-    os.kill(pids[1], signal.SIGKILL)
+def kill_and_expect_recovery(cluster, victim: int, survivor: int, what: str) -> None:
+    """SIGKILL rank `victim`; rank `survivor` must stop within 10 s, then the group comes back."""
+    before, pids = restarts(cluster), cluster.rank_pids()
+    os.kill(pids[victim], signal.SIGKILL)
     t0 = time.monotonic()
-    faulty.wait_for(lambda: not pid_alive(pids[0]), 10, "rank 0 to stop after its peer died")
+    cluster.wait_for(lambda: not pid_alive(pids[survivor]), 10, what)
     assert time.monotonic() - t0 < 10
-    wait_restarted(faulty, before, pids)
-    generate_ok(faulty)
+    wait_restarted(cluster, before, pids)
+    generate_ok(cluster)
+
+
+def test_sigkill_worker_while_idle(faulty):
+    kill_and_expect_recovery(faulty, victim=1, survivor=0, what="rank 0 to stop after its peer died")
 
 
 def _long_stream(cluster, chunks: list, errors: list) -> None:
@@ -134,13 +139,7 @@ def test_sigstop_rank0_makes_the_worker_exit(faulty):
 
 
 def test_rank0_killed_makes_rank1_exit(faulty):
-    before, pids = restarts(faulty), faulty.rank_pids()
-    os.kill(pids[0], signal.SIGKILL)
-    t0 = time.monotonic()
-    faulty.wait_for(lambda: not pid_alive(pids[1]), 10, "rank 1 to exit")
-    assert time.monotonic() - t0 < 10
-    wait_restarted(faulty, before, pids)
-    generate_ok(faulty)
+    kill_and_expect_recovery(faulty, victim=0, survivor=1, what="rank 1 to exit")
 
 
 def test_launcher_sigkill_leaves_no_orphans(tmp_path, models_dir):

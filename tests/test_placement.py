@@ -87,5 +87,5 @@ def test_tensor_parallel_size_is_checked_before_anything_starts(tmp_path, tiny_m
     cfg = load_config(
         None, ["hosts=[{host: localhost, ranks: 3}]", f"model.path={tiny_model_path}", f"cluster.run_dir={tmp_path}"]
     )
-    with pytest.raises(ConfigError, match=r"num_key_value_heads is 4, which 3 ranks cannot split evenly.*1, 2, 4"):
+    with pytest.raises(ConfigError, match=r"4 KV heads, which 3 ranks cannot split evenly.*\(1, 2, 4\)"):
         Supervisor(cfg, None)._check_model()

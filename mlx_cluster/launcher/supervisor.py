@@ -82,6 +82,7 @@ class Supervisor:
         from pathlib import Path
 
         from mlx_cluster.models.builtin import resolve_model_path
+        from mlx_cluster.models.loader import check_tensor_parallel
 
         model = self.config.model
         if not self.placement.ranks[0].is_local and not model.path.startswith("builtin:"):
@@ -93,19 +94,10 @@ class Supervisor:
         config_file = path / "config.json"
         if not config_file.is_file():
             return  # a Hugging Face id or a remote-only path: the ranks resolve it
-        config = json.loads(config_file.read_text())
-        config = config.get("text_config", config) | config
-        world = self.placement.world_size
-        for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
-            value = config.get(key)
-            if key == "num_key_value_heads" and value is None:
-                value = config.get("num_attention_heads")
-            if isinstance(value, int) and value % world:
-                divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
-                raise ConfigError(
-                    f"model {model.path}: {key} is {value}, which {world} ranks cannot split evenly; "
-                    f"use a number of ranks that divides it ({', '.join(map(str, divisors))})"
-                )
+        try:
+            check_tensor_parallel(json.loads(config_file.read_text()), self.placement.world_size)
+        except ValueError as e:
+            raise ConfigError(f"model {model.path}: {e}") from None
 
     def _check_exposure(self) -> None:
         from mlx_cluster.server.auth import load_api_keys
