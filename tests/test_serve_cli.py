@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -37,6 +38,9 @@ def test_serve_a_local_model_directory(tmp_path, tiny_model_path):
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -45,7 +49,7 @@ def test_serve_a_local_model_directory(tmp_path, tiny_model_path):
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, "".join(lines)
             time.sleep(0.2)
         models = httpx.get(url + "/v1/models", timeout=5).json()
         assert models["data"][0]["id"] == str(model_dir)
@@ -55,9 +59,15 @@ def test_serve_a_local_model_directory(tmp_path, tiny_model_path):
             json={"model": str(model_dir), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        # The launcher announces readiness from its own poller: wait for it before stopping.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("ready: 1 rank(s)" in line for line in lines):
+            time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(10)
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "ready: 1 rank(s)" in out and "stopped" in out
 
