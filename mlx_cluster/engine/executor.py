@@ -9,6 +9,7 @@ order, it does the same thing on every rank; that is the whole lock-step contrac
 from __future__ import annotations
 
 import contextlib
+import logging
 import zlib
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from mlx_cluster.engine.plan import NewSequence, StepPlan
 from mlx_cluster.engine.sampling import make_logits_processors, make_sampler, top_logprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ExecutorStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0
+    dropped_sequences: int = 0  # running sequences a plan removed (aborted, or ended by a stop string)
 
 
 class Executor:
@@ -80,6 +84,14 @@ class Executor:
         with cache.pinned(plan.new) if cache is not None else contextlib.nullcontext():
             drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]
             if drop:
+                self.stats.dropped_sequences += len(drop)
+                # Every rank logs this: the outside proof that an abort reached the workers.
+                log.info(
+                    "dropped %d running sequence(s) at step %d (%d tokens generated on this rank so far)",
+                    len(drop),
+                    plan.step,
+                    self.stats.generation_tokens,
+                )
                 caches = self.generator.remove(drop, return_prompt_caches=cache is not None)
                 for uid in drop:
                     seq = self._uid_to_seq.pop(uid)
