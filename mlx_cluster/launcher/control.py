@@ -117,12 +117,13 @@ def logs(config: ClusterConfig, follow: bool = False, rank: int | None = None, l
         return 1
     handles = []
     for f in files:
-        text = f.read_text(errors="replace").splitlines()
+        # Read the tail through the handle that then follows: no line falls between the two.
+        h = open(f, errors="replace")
+        text = h.read().splitlines()
         for line in text[-lines:] if lines else []:
             print(f"[{f.stem}] {line}")
-        h = open(f, errors="replace")
-        h.seek(0, 2)
         handles.append((f.stem, h))
+    sys.stdout.flush()
     try:
         while follow:
             idle = True
