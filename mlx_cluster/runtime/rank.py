@@ -21,6 +21,7 @@ from mlx_cluster.config import ClusterConfig, config_from_json
 log = logging.getLogger("mlx_cluster.rank")
 
 EXIT_ENGINE_FAILED = 70
+FAIL_FLUSH_S = 1.0  # rank 0 lets the HTTP thread send the error responses before exiting
 
 
 class RankContext:
@@ -223,7 +224,7 @@ def fail_rank(ctx: RankContext, reason: str) -> None:
     ctx.state.detail = reason
     if ctx.frontend is not None:
         ctx.frontend.fail_all(f"the cluster stopped serving ({reason}); retry after it restarts")
-    time.sleep(1.0)  # let the HTTP thread flush the error responses
+    time.sleep(FAIL_FLUSH_S)
 
 
 def drain(ctx: RankContext) -> None:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 EXIT_STALLED = 75
 EXIT_ORPHANED = 76
+POLL_S = 0.25  # how often the watchdog looks: part of the stall-detection bound (README, "Failures")
 
 
 class Watchdog:
@@ -30,7 +31,7 @@ class Watchdog:
         on_fatal: Callable[[str], None],
         parent_pid: int | None,
         watch_stdin: bool = False,
-        poll_s: float = 0.25,
+        poll_s: float = POLL_S,
     ):
         self.timer = timer
         self.timeout_s = timeout_s
