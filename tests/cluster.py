@@ -15,8 +15,28 @@ from pathlib import Path
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A 2-core CI machine shared with other jobs delays wake-ups and process exits; timing bounds
+# below add this much and no more.
+SCHEDULING_SLACK_S = 1.5
+
+
+def stall_bound_s(collective_timeout_s: float, heartbeat_s: float) -> float:
+    """The design's bound, in the words of README.md ("Failures"): a rank that stops or wedges
+    is detected, and the rank that detects it has exited, within `collective_timeout_s +
+    heartbeat_s + 0.25 s` (the watchdog's poll) `+ 1 s` (the fail path: rank 0 first ends
+    in-flight requests with an error). Why: an idle rank 0 begins its next heartbeat plan
+    within heartbeat_s; that plan's collective then blocks; the watchdog, looking every
+    POLL_S, ends the rank once the collective has blocked for collective_timeout_s, after
+    FAIL_FLUSH_S. A worker that hears nothing from rank 0 gives up after collective_timeout_s
+    (doorbell) or its own watchdog, whichever comes first, which is within the same bound."""
+    from mlx_cluster.runtime.rank import FAIL_FLUSH_S
+    from mlx_cluster.runtime.watchdog import POLL_S
+
+    return collective_timeout_s + heartbeat_s + POLL_S + FAIL_FLUSH_S
 
 
 def free_port() -> int:
@@ -107,19 +127,26 @@ class Cluster:
 
     # ---- lifecycle --------------------------------------------------------------------
     def start(self, wait: bool = True, timeout_s: float = 180) -> Cluster:
+        """Run `mlx-cluster up`; with `wait`, return once /readyz says 200. If it never gets
+        there, everything started is stopped before the error propagates: no leaked ranks."""
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_cluster", "up", str(self.config_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=REPO,
-        )
-        if wait:
-            self.wait_ready(timeout_s)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlx_cluster", "up", str(self.config_path)],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
+            if wait:
+                self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop(timeout_s=10)
+            raise
         return self
 
     def wait_ready(self, timeout_s: float = 180) -> None:
+        """Wait for /readyz 200; on failure the caller still owns the cluster (stop() it in a finally)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -136,20 +163,23 @@ class Cluster:
             return None
 
     def stop(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM the launcher (it drains), SIGKILL whatever is left. Safe to call twice."""
         if self.proc is None:
             return None
         pids = self.rank_pids()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in pids:  # belt and braces: a test must never leak a rank
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self._log.close()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            for pid in set(pids + self.rank_pids()):  # belt and braces: a test must never leak a rank
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self) -> Cluster:
@@ -157,6 +187,9 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def restarts(self) -> int:
+        return self.state()["restarts"]
 
     # ---- introspection ----------------------------------------------------------------
     def output(self) -> str:
@@ -171,6 +204,26 @@ class Cluster:
             return [r["pid"] for r in self.state()["ranks"] if r["pid"]]
         except (OSError, KeyError, ValueError):
             return []
+
+    def logs(self, rank: int | None = None, lines: int = 100_000, timeout_s: float = 30) -> str:
+        """What `mlx-cluster logs cluster.yaml [--rank N]` prints (the per-rank log files)."""
+        cmd = [sys.executable, "-m", "mlx_cluster", "logs", str(self.config_path), "-n", str(lines)]
+        if rank is not None:
+            cmd += ["--rank", str(rank)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=self.env, timeout=timeout_s)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from /metrics, e.g. metric("mlx_cluster_request_failure_total", reason="abort");
+        0.0 when the series has no sample yet (a labelled counter appears on first use)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        want = {"model_name": self.config["model"].get("name") or self.config["model"]["path"], **labels}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
+                    return sample.value
+        return 0.0
 
     def wait_for(self, predicate, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

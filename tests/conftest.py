@@ -30,17 +30,5 @@ def server(tmp_path_factory, models_dir):
     cluster = Cluster(
         tmp_path_factory.mktemp("server"), ranks=1, models_dir=models_dir, config={"scheduler": {"max_batch_size": 8}}
     )
-    cluster.start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster2(tmp_path_factory, models_dir):
-    """One two-rank ring cluster on loopback shared by a test module."""
-    cluster = Cluster(
-        tmp_path_factory.mktemp("cluster2"), ranks=2, models_dir=models_dir, config={"scheduler": {"max_batch_size": 8}}
-    )
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    with cluster:  # stops it even when a test (or the start) fails
+        yield cluster
