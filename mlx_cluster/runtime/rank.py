@@ -251,6 +251,7 @@ def serve_http(ctx: RankContext) -> None:
     import uvicorn
 
     from mlx_cluster.server.app import create_app
+    from mlx_cluster.server.http_protocol import H11WithHeadTimeout
     from mlx_cluster.server.metrics import Metrics
 
     ctx.state.metrics = Metrics(ctx.config.model.served_name)
@@ -262,6 +263,7 @@ def serve_http(ctx: RankContext) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        http=H11WithHeadTimeout,  # uvicorn's h11, plus a deadline on each request head
         h11_max_incomplete_event_size=64 * 1024,
         **kwargs,
     )
