@@ -205,6 +205,13 @@ class Cluster:
         except (OSError, KeyError, ValueError):
             return []
 
+    def placement(self):
+        """Where the group listens: `.doorbell` (ip, port) and `.ports` (ring ports and the doorbell)."""
+        from mlx_cluster.config import load_config
+        from mlx_cluster.launcher.placement import plan_placement
+
+        return plan_placement(load_config(self.config_path))
+
     def logs(self, rank: int | None = None, lines: int = 100_000, timeout_s: float = 30) -> str:
         """What `mlx-cluster logs cluster.yaml [--rank N]` prints (the per-rank log files)."""
         cmd = [sys.executable, "-m", "mlx_cluster", "logs", str(self.config_path), "-n", str(lines)]
