@@ -275,15 +275,21 @@ def test_random_cancellations_are_real_aborts_and_leave_nothing_behind(secured):
 
 def recv_until_closed(sock: socket.socket, timeout_s: float = 15) -> bytes:
     """Everything the peer sends until it closes; a reset counts as closed. Raises TimeoutError
-    when the peer neither answers nor closes: a rogue client must never be left hanging on."""
-    sock.settimeout(timeout_s)
+    when the peer has not closed within timeout_s (whatever it sent meanwhile): a rogue client
+    must never be left hanging on."""
+    deadline = time.monotonic() + timeout_s
     data = b""
     try:
-        while chunk := sock.recv(65536):
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
             data += chunk
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still open after {timeout_s} s")
     except ConnectionResetError:
-        pass
-    return data
+        return data
 
 
 PWNED = "/tmp/mlxc-pwned"
@@ -456,6 +462,7 @@ class Stranger(threading.Thread):
     def stop(self) -> Stranger:
         self.halt.set()
         self.join(30)
+        assert not self.is_alive(), "a stranger's connection was left hanging"
         return self
 
 
