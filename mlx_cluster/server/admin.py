@@ -26,6 +26,21 @@ def _cache(state):
     return state.prefix_cache
 
 
+def _warmup_body_schema() -> dict:
+    """/openapi.json: the warmup body is a chat `messages` list or a completions `prompt`, typed
+    as in those requests (their sub-schemas are in components), so fuzzers and clients see it."""
+    ref = "#/components/schemas/{model}"
+    messages = ChatCompletionRequest.model_json_schema(ref_template=ref)["properties"]["messages"]
+    prompt = CompletionRequest.model_json_schema(ref_template=ref)["properties"]["prompt"]
+    schema = {
+        "oneOf": [
+            {"type": "object", "required": ["messages"], "properties": {"messages": messages}},
+            {"type": "object", "required": ["prompt"], "properties": {"prompt": prompt}},
+        ]
+    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():  # the waiter may have timed out already
         future.set_result(None)
@@ -62,7 +77,7 @@ def admin_router(state) -> APIRouter:
             raise APIError(504, "the cache clear did not run within 60 s", type="timeout", code="timeout") from None
         return {"object": "cache.clear", "cleared": True, "ranks": state.world_size}
 
-    @router.post("/admin/cache/warmup")
+    @router.post("/admin/cache/warmup", openapi_extra=_warmup_body_schema())
     async def cache_warmup(request: Request):
         """Prefill a prompt without generating (one greedy token, discarded); returns how many of
         its leading tokens are now cached (whole blocks) and how many were reused from before."""
