@@ -228,10 +228,12 @@ def test_logit_bias_forces_and_bans_token_ids(server, tokenizer):
     resp = greedy(server, max_tokens=5, logit_bias={str(forced_id): 100})
     assert text(resp) == forced_text * 5
 
+    # Ban the greedy choice: the first token must change. (builtin:tiny is deterministic, so
+    # PROMPT's greedy first token is always the same plain token; no `if` that could skip this.)
     first = greedy(server, max_tokens=1, logprobs=1)["choices"][0]["logprobs"]["tokens"][0]
-    if first in ids:  # ban the greedy choice: the first token must change
-        banned = greedy(server, max_tokens=1, logprobs=1, logit_bias={str(ids[first]): -100})
-        assert banned["choices"][0]["logprobs"]["tokens"][0] != first
+    assert first in ids, f"PROMPT's greedy first token {first!r} has no unambiguous id: pick another PROMPT"
+    banned = greedy(server, max_tokens=1, logprobs=1, logit_bias={str(ids[first]): -100})
+    assert banned["choices"][0]["logprobs"]["tokens"][0] != first
     # A token-id prompt biased towards its own last token repeats it.
     last = unspaced[0][1]
     resp = greedy(server, max_tokens=3, prompt=[last, last], logit_bias={str(last): 100})
