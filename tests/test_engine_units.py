@@ -1,7 +1,9 @@
 """The engine loop with fake parts: lock-step digest check, idle/doorbell protocol, stop strings."""
 
+import errno
 import socket
 import threading
+import time
 
 import pytest
 
@@ -59,17 +61,37 @@ def test_doorbell_rejects_strangers_and_wakes_workers():
     t = threading.Thread(target=rank0.connect)
     t.start()
 
-    def stranger():
-        for payload in (b"GET / HTTP/1.1\r\n\r\n", b"\x01\x00\x00\x00wrong-token!"):
+    def dial() -> socket.socket:
+        """Connect once rank 0 listens (it starts in a thread: refusals before that are expected)."""
+        deadline = time.monotonic() + 10
+        while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-                    c.sendall(payload)
-                    c.settimeout(3)
-                    assert c.recv(10) == b""  # closed without a word
-            except OSError:
-                pass
+                return socket.create_connection(("127.0.0.1", port), timeout=2)
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "rank 0's doorbell never listened"
+                time.sleep(0.01)
 
-    stranger()
+    # Strangers while rank 0 waits for its worker: each must be read, rejected and hung up on
+    # (an empty read or a reset), never left waiting: a recv timeout fails the test.
+    strangers = [
+        (b"GET / HTTP/1.1\r\n\r\n", True),
+        (b"\x01\x00\x00\x00wrong-token!", True),
+        (b"\x01\x00", True),  # a short hello, then EOF
+        (b"\x01\x00", False),  # a short hello, then silence: rank 0's handshake times out (2 s)
+    ]
+    for payload, hang_up in strangers:
+        with dial() as c:
+            try:
+                c.sendall(payload)
+                if hang_up:
+                    c.shutdown(socket.SHUT_WR)
+                c.settimeout(5)
+                assert c.recv(10) == b""  # closed without a word
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # closed with our bytes unread: a reset is a hang-up too
+            except OSError as e:  # TimeoutError is an OSError too: it must fail the test
+                if isinstance(e, TimeoutError) or e.errno != errno.ENOTCONN:
+                    raise  # ENOTCONN: the reset came before our shutdown
     worker.connect()
     t.join(10)
     assert len(rank0.peers) == 1
