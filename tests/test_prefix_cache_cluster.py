@@ -2,33 +2,41 @@
 restart) give token-identical greedy output; a worker whose SSD lost blocks still agrees with
 rank 0 on what to restore; concurrent requests share a prefix."""
 
+import json
 import shutil
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
+from mlx_cluster.cache.hashing import block_hash, restorable_blocks
 from tests.cluster import Cluster
 
+pytestmark = pytest.mark.slow
+
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
+BLOCK = 16  # cache.block_size (the default)
+
+
+def chat_body(question, max_tokens=24) -> dict:
+    return {
+        "messages": [SYSTEM, {"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 def ask(cluster, question, max_tokens=24):
-    r = cluster.post(
-        "/v1/chat/completions",
-        {
-            "messages": [SYSTEM, {"role": "user", "content": question}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        },
-    )
+    r = cluster.post("/v1/chat/completions", chat_body(question, max_tokens))
     assert r.status_code == 200, r.text
     body = r.json()
     return body["choices"][0]["message"]["content"], body["usage"]
 
 
-def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir):
+def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir, tiny_model_path):
     kv = tmp_path / "kv"
     cfg = {"cache": {"ssd": {"dir": str(kv), "policy": "write_through"}}}
     with Cluster(tmp_path / "a", ranks=2, models_dir=models_dir, config=cfg) as cluster:
@@ -53,18 +61,41 @@ def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir):
         assert from_ssd == cold
         assert usage["prompt_tokens_details"]["cached_tokens"] > 0
 
-    # Rank 1 loses half its blocks (a wiped or failing disk): the ranks agree on less, the
-    # output stays identical, and the reported cached count is the truth.
-    files = sorted(rank_dirs[1].glob("*.safetensors"))
-    for f in files[::2]:
-        f.unlink()
-    files[1].write_bytes(b"garbage")
+    # Rank 1 loses blocks 3 (corrupt) and 6 (deleted) of the prompt's chain (a failing disk): the
+    # ranks agree on the 3 leading blocks both can load, the output stays identical, and the
+    # reported cached count is exactly that, not rank 0's 12 or so.
+    chain = prompt_chain(tiny_model_path, chat_body("What is a cluster?"), rank_dirs[1])
+    assert all((rank_dirs[1] / f"{b.hex()}.safetensors").exists() for b in chain)
+    (rank_dirs[1] / f"{chain[3].hex()}.safetensors").write_bytes(b"garbage")
+    (rank_dirs[1] / f"{chain[6].hex()}.safetensors").unlink()
     with Cluster(tmp_path / "c", ranks=2, models_dir=models_dir, config=cfg) as cluster:
         partial, usage = ask(cluster, "What is a cluster?")
         assert partial == cold
-        again, usage2 = ask(cluster, "What is a cluster?")
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 3 * BLOCK
+        # That request stored the whole prompt again on both ranks: now all of it restores.
+        again, usage = ask(cluster, "What is a cluster?")
         assert again == cold
-        assert usage2["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens_details"]["cached_tokens"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(chain) * BLOCK
+
+
+def prompt_chain(model_path, request: dict, rank_dir: Path) -> list[bytes]:
+    """The ids of the blocks a restore of this chat request's prompt may use, in chain order,
+    computed as the server does (its chat template and tokenizer, the namespace from a block)."""
+    from mlx_lm.tokenizer_utils import load
+
+    from mlx_cluster.server.generation import chat_prompt
+    from mlx_cluster.server.protocol import ChatCompletionRequest, parse_request
+
+    tokens = chat_prompt(load(Path(model_path)), parse_request(ChatCompletionRequest, request))
+    data = next(rank_dir.glob("*.safetensors")).read_bytes()
+    (header_len,) = struct.unpack_from("<Q", data)
+    parent = bytes.fromhex(json.loads(data[8 : 8 + header_len])["__metadata__"]["namespace"])
+    chain = []
+    for i in range(restorable_blocks(len(tokens), BLOCK)):
+        parent = block_hash(parent, tokens[i * BLOCK : (i + 1) * BLOCK])
+        chain.append(parent)
+    assert len(chain) > 6, len(chain)
+    return chain
 
 
 def test_other_tp_size_gets_no_hits(tmp_path, models_dir):
