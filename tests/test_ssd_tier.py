@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -165,18 +168,60 @@ def test_stale_temp_files_are_removed_at_startup(tmp_path):
     t.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_directory_disables_the_tier(tmp_path):
-    root = tmp_path / "ro"
-    root.mkdir()
-    root.chmod(0o500)
-    try:
+NOBODY = 65534
+
+
+def as_unprivileged_user(check) -> None:
+    """Run check() without root's privileges, since root ignores directory permissions: in a
+    forked child that drops to uid/gid 65534 when the tests run as root, directly otherwise.
+    A failure in the child fails the test here, with its message."""
+    if os.geteuid() != 0:
+        check()
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            check()
+            os.write(write_end, b"ok")
+        except BaseException as e:  # noqa: BLE001 - reported by the parent
+            os.write(write_end, f"{type(e).__name__}: {e}".encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        result = f.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    assert result == "ok", result
+
+
+def test_unwritable_directory_disables_the_tier():
+    # A directory the unprivileged child owns and can reach (pytest's tmp_path is root-only).
+    base = Path(tempfile.mkdtemp(prefix="mlxc-ssd-"))
+    base.chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(base, NOBODY, NOBODY)
+    one = block(1)  # built here: the child runs no MLX computation after the fork
+
+    def check():
+        assert os.geteuid() != 0
+        root = base / "ro"
+        root.mkdir()
+        root.chmod(0o500)
         t = tier(root)
-        assert t.stats.disabled and t.stats.errors == 1 and "cannot use" in t.stats.disabled_reason
-        t.write(bid(1), block(1))  # a no-op, no exception
+        assert t.stats.disabled and t.stats.errors == 1 and "cannot use" in t.stats.disabled_reason, t.stats
+        t.write(bid(1), one)  # a no-op, no exception
         assert t.read(bid(1)) is None and not t.contains(bid(1))
+        assert not any(root.iterdir())
+
+    try:
+        as_unprivileged_user(check)
     finally:
-        root.chmod(0o700)
+        shutil.rmtree(base)
 
 
 def test_unusable_path_disables_the_tier(tmp_path):
