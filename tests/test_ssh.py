@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from mlx_cluster.config import HostSection, SshSection
-from mlx_cluster.launcher.remote_boot import parse_spec
+from mlx_cluster.config import HostSection
 from mlx_cluster.launcher.ssh import RemoteLaunchError, RemoteRankProcess, kill_remote
 from tests import netns
 from tests.netns import SshHosts, needs_netns
@@ -319,25 +318,9 @@ def test_kill_remote(ssh_hosts: SshHosts):
         proc.close()
 
 
-def test_parse_spec_rejects_bad_boot_lines():
-    # No namespaces needed, but kept here with the rest of the boot protocol.
-    assert parse_spec(b'{"env": {"A": "1"}, "cwd": null, "argv": ["x"]}') == ({"A": "1"}, None, ["x"])
-    for bad in (b"", b"[]", b'{"argv": []}', b'{"argv": ["x"], "env": {"A": 1}}'):
-        with pytest.raises(ValueError):
-            parse_spec(bad)
-
-
 def test_unreachable_port_says_so(ssh_hosts: SshHosts):
     bridge = RemoteRankProcess(
         0, HostSection(host="10.213.0.1"), ssh_hosts.ssh_section(), ["python3"], {}, None, Lines()
     )
     with pytest.raises(RemoteLaunchError, match=r"cannot connect to .*@10.213.0.1:22: Connection refused"):
         bridge.start()
-
-
-def test_boot_command_carries_no_env_and_expands_home():
-    proc = RemoteRankProcess(
-        0, HostSection(host="h"), SshSection(), ["~/venv/bin/python", "-m", "x"], {"K": SECRET}, None, Lines()
-    )
-    assert proc.boot_command() == 'exec "$HOME"/venv/bin/python -m mlx_cluster.launcher.remote_boot'
-    assert SECRET in proc.boot_line().decode() and SECRET not in proc.boot_command()
