@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.cluster import REPO, Cluster, free_port, survivors
 from tests.netns import needs_netns, ssh_hosts  # noqa: F401  (fixture)
 
-pytestmark = needs_netns
+pytestmark = [needs_netns, pytest.mark.slow]
 API_KEY = "sk-test-multihost-7f3a"
 
 
@@ -54,11 +55,11 @@ def test_two_hosts_over_ssh_serve_requests(tmp_path, models_dir, ssh_hosts):  # 
 
 
 def test_remote_ranks_die_with_their_launcher(tmp_path, models_dir, ssh_hosts):  # noqa: F811
-    cluster = multihost_cluster(tmp_path, models_dir, ssh_hosts).start()
-    pids = cluster.rank_pids()
-    cluster.proc.send_signal(signal.SIGKILL)
-    cluster.proc.wait()
-    assert not survivors(pids, 15), "remote ranks outlived their launcher"
+    with multihost_cluster(tmp_path, models_dir, ssh_hosts) as cluster:
+        pids = cluster.rank_pids()
+        cluster.proc.send_signal(signal.SIGKILL)
+        cluster.proc.wait()
+        assert not survivors(pids, 15), "remote ranks outlived their launcher"
 
 
 def test_unknown_host_key_is_refused(tmp_path, models_dir, ssh_hosts):  # noqa: F811
@@ -69,8 +70,11 @@ def test_unknown_host_key_is_refused(tmp_path, models_dir, ssh_hosts):  # noqa: 
     import yaml
 
     cluster.config_path.write_text(yaml.safe_dump(cluster.config))
-    cluster.start(wait=False)
-    assert cluster.proc.wait(60) != 0
-    out = cluster.output()
-    assert "known_hosts" in out and ssh_hosts.ips[0] in out and "ssh-keyscan" in out
-    assert "Traceback" not in out
+    try:
+        cluster.start(wait=False)
+        assert cluster.proc.wait(60) != 0
+        out = cluster.output()
+        assert "known_hosts" in out and ssh_hosts.ips[0] in out and "ssh-keyscan" in out
+        assert "Traceback" not in out
+    finally:
+        cluster.stop()

@@ -6,17 +6,19 @@ import pytest
 
 from tests.cluster import Cluster
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["Hello there", "Write a haiku about clusters.", "1 2 3 4 5 6", "Why is the sky blue?"]
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, models_dir):
     """A 1-rank and a 2-rank cluster side by side on the same model."""
-    one = Cluster(tmp_path_factory.mktemp("one"), ranks=1, models_dir=models_dir).start()
-    two = Cluster(tmp_path_factory.mktemp("two"), ranks=2, models_dir=models_dir).start()
-    yield one, two
-    one.stop()
-    two.stop()
+    with (
+        Cluster(tmp_path_factory.mktemp("one"), ranks=1, models_dir=models_dir) as one,
+        Cluster(tmp_path_factory.mktemp("two"), ranks=2, models_dir=models_dir) as two,
+    ):
+        yield one, two
 
 
 def complete(cluster, prompt, **kw):

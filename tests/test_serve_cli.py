@@ -8,8 +8,11 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.cluster import REPO, free_port
+
+pytestmark = pytest.mark.slow
 
 
 def test_serve_a_local_model_directory(tmp_path, tiny_model_path):
@@ -65,7 +68,11 @@ def test_serve_a_local_model_directory(tmp_path, tiny_model_path):
             time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leak the server, even when the test fails
+            proc.wait()
         reader.join(10)
     out = "".join(lines)
     assert proc.returncode == 0, out
