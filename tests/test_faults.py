@@ -293,3 +293,14 @@ def test_readyz_reports_a_wedged_engine_and_recovers(tmp_path, models_dir):
         assert cluster.rank_pids() == pids  # a stall shorter than collective_timeout_s restarts nothing
     finally:
         cluster.stop()
+
+
+def test_a_start_that_times_out_leaks_nothing(tmp_path, models_dir):
+    # The test helper itself: a cluster that is not ready in time is stopped before the error
+    # propagates, so a failing test never leaves ranks behind.
+    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir)
+    with pytest.raises(TimeoutError):
+        cluster.start(timeout_s=3)
+    assert cluster.proc.poll() is not None, "the launcher outlived the failed start"
+    pids = cluster.rank_pids()  # from the state file the launcher wrote when it started them
+    assert len(pids) == 2 and not survivors(pids, 1), "ranks outlived the failed start"
