@@ -23,20 +23,36 @@ REPO = Path(__file__).resolve().parent.parent
 # below add this much and no more.
 SCHEDULING_SLACK_S = 1.5
 
+# The design's failure bounds, stated once, in these words, in README.md ("Failures") and
+# docs/operations.md ("Restarts"); test_readme.py checks that both say exactly this and that
+# the code's constants are the numbers it names.
+FAILURE_BOUNDS = (
+    "A rank that dies is noticed at its peers' next exchange: at once while serving, within "
+    "`supervisor.heartbeat_s` while idle. A rank that stops or wedges (SIGSTOP, a sleeping Mac, "
+    "a stuck kernel) is noticed within `supervisor.collective_timeout_s + supervisor.heartbeat_s "
+    "+ 0.25 s` (the watchdog's poll). The rank that notices exits 1 s later (rank 0 first ends "
+    "in-flight requests with an error); the launcher then stops the rest of the group (at most "
+    "5 s more) and restarts it after its backoff."
+)
+WATCHDOG_POLL_S = 0.25  # "the watchdog's poll": runtime/watchdog.py POLL_S
+FAIL_PATH_S = 1.0  # "exits 1 s later": runtime/rank.py FAIL_FLUSH_S
+GROUP_STOP_S = 5.0  # "at most 5 s more": launcher/supervisor.py FAILURE_GRACE_S
+
 
 def stall_bound_s(collective_timeout_s: float, heartbeat_s: float) -> float:
-    """The design's bound, in the words of README.md ("Failures"): a rank that stops or wedges
-    is detected, and the rank that detects it has exited, within `collective_timeout_s +
-    heartbeat_s + 0.25 s` (the watchdog's poll) `+ 1 s` (the fail path: rank 0 first ends
-    in-flight requests with an error). Why: an idle rank 0 begins its next heartbeat plan
-    within heartbeat_s; that plan's collective then blocks; the watchdog, looking every
-    POLL_S, ends the rank once the collective has blocked for collective_timeout_s, after
-    FAIL_FLUSH_S. A worker that hears nothing from rank 0 gives up after collective_timeout_s
-    (doorbell) or its own watchdog, whichever comes first, which is within the same bound."""
-    from mlx_cluster.runtime.rank import FAIL_FLUSH_S
-    from mlx_cluster.runtime.watchdog import POLL_S
+    """Seconds from a rank stopping or wedging until the rank that notices has exited
+    (FAILURE_BOUNDS). Why: an idle rank 0 begins its next heartbeat plan within heartbeat_s;
+    that plan's collective then blocks; the watchdog, looking every 0.25 s, ends the rank once
+    it has blocked for collective_timeout_s, after the 1 s fail path. A worker that hears
+    nothing from rank 0 gives up after collective_timeout_s (doorbell) or its own watchdog,
+    whichever comes first: within the same bound."""
+    return collective_timeout_s + heartbeat_s + WATCHDOG_POLL_S + FAIL_PATH_S
 
-    return collective_timeout_s + heartbeat_s + POLL_S + FAIL_FLUSH_S
+
+def death_bound_s(heartbeat_s: float) -> float:
+    """Seconds from a rank's death until a peer that noticed it has exited (FAILURE_BOUNDS,
+    the idle case: the next heartbeat plan, then the fail path)."""
+    return heartbeat_s + FAIL_PATH_S
 
 
 def free_port() -> int:

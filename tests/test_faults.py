@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster import REPO, SCHEDULING_SLACK_S, Cluster, pid_alive, stall_bound_s, survivors
+from tests.cluster import REPO, SCHEDULING_SLACK_S, Cluster, death_bound_s, pid_alive, stall_bound_s, survivors
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,7 @@ HEARTBEAT_S = 0.5
 # first backoff) instead of a growing crash-loop count: the restart window, tested for real.
 WINDOW_S = 5
 STALL_BOUND_S = stall_bound_s(TIMEOUT_S, HEARTBEAT_S)
-# A killed peer is seen at the survivor's next exchange: at once while serving, within
-# heartbeat_s while idle; rank 0 then spends the fail path before it exits (README, "Failures").
-DEATH_BOUND_S = stall_bound_s(0, HEARTBEAT_S)
+DEATH_BOUND_S = death_bound_s(HEARTBEAT_S)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +138,13 @@ def test_readyz_never_says_200_between_the_fault_and_the_restart(faulty):
     def new_group_up() -> bool:
         return bool(RESTARTING.search(faulty.output(), out)) and set(faulty.rank_pids()).isdisjoint(pids)
 
+    def rank0_noticed() -> bool:  # rank 0 logs this, then marks itself not ready, then exits
+        return any(
+            line.startswith("[rank 0 ") and "engine failed" in line for line in faulty.output()[out:].splitlines()
+        )
+
     while True:
+        noticed = rank0_noticed()
         code = faulty.readyz()
         t = time.monotonic() - killed_at
         answers.append((t, code))
@@ -148,8 +152,9 @@ def test_readyz_never_says_200_between_the_fault_and_the_restart(faulty):
             break
         if code == 200:
             # Rank 0 cannot know a worker died before its next exchange with it (within
-            # heartbeat_s while idle), so a 200 is allowed only until the group first says
-            # it is down, and only within that bound: after that, a 200 is a lie.
+            # heartbeat_s while idle), so a 200 is allowed only until it has noticed (its log
+            # says so), before /readyz first said otherwise, and within that bound.
+            assert not noticed, f"/readyz said 200 after rank 0 noticed the fault: {answers}"
             assert all(c == 200 for _, c in answers), f"/readyz said 200 while the group was down: {answers}"
             assert t < HEARTBEAT_S + SCHEDULING_SLACK_S, f"rank 0 took {t:.2f} s to notice: {answers}"
         assert t < 90, f"no ready group 90 s after the fault: {answers}"

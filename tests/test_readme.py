@@ -45,3 +45,23 @@ def test_shipped_configs_are_valid_and_hostfiles_match():
         assert hostfile.exists(), f"run: mlx-cluster hostfile {path} -o {hostfile}"
         assert hostfile.read_text() == write_hostfile(config), f"{hostfile} is stale"
         assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_failure_bounds_are_stated_once_in_the_same_words():
+    from mlx_cluster.launcher.supervisor import FAILURE_GRACE_S
+    from mlx_cluster.runtime.rank import FAIL_FLUSH_S
+    from mlx_cluster.runtime.watchdog import POLL_S
+    from tests.cluster import FAIL_PATH_S, FAILURE_BOUNDS, GROUP_STOP_S, WATCHDOG_POLL_S
+
+    for doc in ("README.md", "docs/operations.md"):
+        assert _words(FAILURE_BOUNDS) in _words((REPO / doc).read_text()), (
+            f"{doc} must state tests/cluster.py's FAILURE_BOUNDS"
+        )
+    # The numbers those words name are the tests' constants, and those are the code's.
+    for phrase in (f"+ {WATCHDOG_POLL_S:g} s`", f"exits {FAIL_PATH_S:g} s later", f"at most {GROUP_STOP_S:g} s more"):
+        assert phrase in _words(FAILURE_BOUNDS), phrase
+    assert (POLL_S, FAIL_FLUSH_S, FAILURE_GRACE_S) == (WATCHDOG_POLL_S, FAIL_PATH_S, GROUP_STOP_S)
