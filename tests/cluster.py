@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -55,25 +56,30 @@ def death_bound_s(heartbeat_s: float) -> float:
     return heartbeat_s + FAIL_PATH_S
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_rng = random.SystemRandom()  # not the seedable global one: two runs must not pick alike
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # macOS and IANA
 
 
 def free_port_block(n: int) -> int:
-    """A base port with n free consecutive ports after it."""
-    for _ in range(200):
-        base = free_port()
-        if base + n > 65000:
-            continue
+    """A base port with n free consecutive ports after it, below the kernel's ephemeral range:
+    a port from that range can be handed to any outgoing connection between this check and the
+    group's bind (seen as `[ring] Couldn't bind socket (error: 98)` on a loaded machine)."""
+    top = _ephemeral_ports_start() - n
+    for _ in range(500):
+        base = _rng.randrange(10_000, top)
+        socks = []
         try:
-            socks = []
             for p in range(base, base + n):
                 s = socket.socket()
+                socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", p))
-                socks.append(s)
             return base
         except OSError:
             continue
@@ -81,6 +87,11 @@ def free_port_block(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free port block")
+
+
+def free_port() -> int:
+    """A free port outside the ephemeral range (see free_port_block)."""
+    return free_port_block(1)
 
 
 def pid_alive(pid: int) -> bool:
