@@ -8,6 +8,11 @@ against it, stops it, then does the same for the anchor, alternating, `--repeats
 machine is shared and noisy, so what matters are the ratios of the medians, not raw numbers.
 With --ranks 2 mlx-cluster runs two ring ranks via `mlx-cluster up` and the anchor runs
 `mlx_lm.server` under `mlx.launch --backend ring -n 2`.
+
+Like with like: both servers get the same seeded prompts, greedy, and no `ignore_eos` (which
+`mlx_lm.server` does not honour), so each stops where the model does. Every row records the
+output tokens each server reported (usage), tok/s and TPOT come from those counts, and the
+summary says whether both sides generated the same number of tokens (`equal_output_tokens`).
 """
 
 from __future__ import annotations
@@ -131,6 +136,9 @@ def bench(url: str, model: str, concurrency: int, args) -> dict:
         "2",
         "--seed",
         "0",
+        # Not sent to either server: mlx_lm.server ignores it, so sending it to ours alone
+        # would make ours generate more. Greedy + same prompts: both stop at the same EOS.
+        "--no-ignore-eos",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     return json.loads(out.stdout)
@@ -184,6 +192,8 @@ def main() -> None:
                     "itl_p50_ms": r["itl_ms"]["p50"],
                     "errors": r["errors"],
                     "completed": r["completed"],
+                    "total_output_tokens": r["total_output_tokens"],
+                    "mean_output_tokens": r["mean_output_tokens"],
                 }
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
@@ -196,11 +206,21 @@ def main() -> None:
                 k: statistics.median(r[k] for r in rows) for k in ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms")
             }
         ours, anchor = med["mlx-cluster"], med["mlx_lm.server"]
+        tokens = {
+            name: [
+                r["total_output_tokens"]
+                for r in results["runs"]
+                if r["server"] == name and r["concurrency"] == concurrency
+            ]
+            for name in ("mlx-cluster", "mlx_lm.server")
+        }
         summary.append(
             {
                 "concurrency": concurrency,
                 "ours": ours,
                 "anchor": anchor,
+                "output_tokens": tokens,  # per repeat, as each server reported them
+                "equal_output_tokens": tokens["mlx-cluster"] == tokens["mlx_lm.server"],
                 "throughput_ratio": ours["output_tok_s"] / anchor["output_tok_s"],
                 "ttft_ratio": ours["ttft_p50_ms"] / anchor["ttft_p50_ms"],
                 "tpot_ratio": ours["tpot_p50_ms"] / anchor["tpot_p50_ms"],
@@ -208,6 +228,8 @@ def main() -> None:
         )
     results["summary"] = summary
     print(json.dumps(summary, indent=2))
+    if not all(s["equal_output_tokens"] for s in summary):
+        print("warning: the servers generated different numbers of tokens; compare rates, not totals", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # NVIDIA run: one GPU vs two GPUs (NCCL, tensor parallel) for mlx-cluster, and mlx_lm.server
-# on one GPU and under `mlx.launch --backend nccl -n 2`, on the same built-in model, same run.
+# on one GPU and under `mlx.launch --backend nccl -n 2`, on the same built-in model: each server
+# once, one after the other (not alternating); the JSON of each bench run lands in OUT_DIR.
 # Usage on a 2-GPU Linux host with mlx[cuda13] installed:  bash benchmarks/gpu_run.sh [PRESET] [OUT_DIR]
 set -uo pipefail
 preset=${1:-1b}
@@ -24,14 +25,15 @@ wait_up() {  # url pid
 bench() {  # name url model_id
   for c in 1 8; do
     $py -m mlx_cluster bench "$2" --model "$3" --json --no-progress --concurrency $c \
-      --num-requests $((c == 1 ? 8 : 32)) --input-len 512 --output-len 128 --warmup 2 \
+      --num-requests $((c == 1 ? 8 : 32)) --input-len 512 --output-len 128 --warmup 2 --no-ignore-eos \
       > "$out/$1-c$c.json" 2>>"$out/errors.txt"
     $py - "$out/$1-c$c.json" "$1" "$c" <<'EOF' | tee -a "$out/summary.txt"
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
     print(f"{sys.argv[2]:>22} c={sys.argv[3]}: {r['output_throughput_tok_s']:8.1f} tok/s  "
-          f"TTFT p50 {r['ttft_ms']['p50']:7.1f} ms  TPOT p50 {r['tpot_ms']['p50']:6.2f} ms  errors {r['errors']}")
+          f"TTFT p50 {r['ttft_ms']['p50']:7.1f} ms  TPOT p50 {r['tpot_ms']['p50']:6.2f} ms  "
+          f"{r['total_output_tokens']} output tokens  errors {r['errors']}")
 except Exception as e:
     print(f"{sys.argv[2]:>22} c={sys.argv[3]}: no result ({e})")
 EOF

@@ -48,6 +48,8 @@ def main() -> None:
                 {
                     "idle_cpu_percent_of_one_core": idle,
                     "seconds": args.seconds,
+                    # tests/cluster.py's setting, not the default (1 s): it sets the idle wake-ups
+                    "heartbeat_s": cluster.config["supervisor"]["heartbeat_s"],
                     "plans_during_one_200_token_request": plans,
                     "bus_collectives_per_plan": round(colls / plans, 3),
                 },
