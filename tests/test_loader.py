@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -414,13 +413,10 @@ WORKER = textwrap.dedent(
 
 
 def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+    from tests.cluster import free_port_block  # below the ephemeral range: see there
+
+    base = free_port_block(n)
+    return list(range(base, base + n))
 
 
 @pytest.mark.skipif(not mx.distributed.is_available("ring"), reason="mlx built without the ring backend")
