@@ -84,6 +84,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
+    from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.loader import load_model_shard
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
@@ -154,7 +155,7 @@ def build_engine(ctx: RankContext, stream):
             max_tokens_cap=sched.max_tokens_cap,
             vocab_size=vocab_size,
         )
-    engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s)
+    engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
     mx.synchronize()
     return engine
