@@ -63,8 +63,13 @@ def materialize_files(environ=os.environ) -> None:
 def init_group(ctx: RankContext):
     import mlx.core as mx
 
+    from mlx_cluster.launcher.placement import backend_device_error, cuda_available
+
     if ctx.world_size == 1:
         return mx.distributed.init()
+    error = backend_device_error(ctx.backend, ctx.world_size, cuda_available())
+    if error:  # remote ranks: the launcher could only check its own machine
+        raise RuntimeError(error)
     group = mx.distributed.init(backend=ctx.backend, strict=True)
     if group.size() != ctx.world_size or group.rank() != ctx.rank:
         raise RuntimeError(
