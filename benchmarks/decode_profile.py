@@ -19,6 +19,7 @@ import time
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
+from mlx_cluster.models.fuse import fuse_projections
 from mlx_cluster.models.loader import load_model_shard
 
 
@@ -74,10 +75,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
     args = p.parse_args()
     stream = mx.new_stream(mx.default_device())
     with mx.stream(stream):
         model = load_model_shard(args.model, mx.distributed.init()).model
+        if not args.no_fuse:
+            print({"fused_groups": fuse_projections(model)})
         for batch in args.batch:
             n = args.prompt_len
             print(profile(model, stream, batch, [n] * batch, args.steps), flush=True)

@@ -91,6 +91,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.engine.frontend import Frontend
     from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.fuse import fuse_projections
     from mlx_cluster.models.loader import load_model_shard
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
     from mlx_cluster.server.generation import Limits
@@ -113,6 +114,9 @@ def build_engine(ctx: RankContext, stream):
         time.monotonic() - t0,
         loaded.bytes_read / 1e6,
     )
+    # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
+    # MoE experts and other shapes are left as they are).
+    log.info("fused %d projection groups", fuse_projections(loaded.model))
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
     sched = cfg.scheduler
     executor = Executor(
