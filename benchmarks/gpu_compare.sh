@@ -14,16 +14,8 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export PYTHONPATH=$(pwd):${PYTHONPATH:-}
 model=/tmp/mlxc-$preset
 py=python3
+source "$(dirname "$0")/servers.sh"
 
-wait_up() {  # url pid
-  for _ in $(seq 1 900); do
-    kill -0 "$2" 2>/dev/null || return 1
-    curl -sf "$1/v1/models" >/dev/null && curl -sf "$1/v1/completions" -H 'Content-Type: application/json' \
-      -d '{"prompt":"hi","max_tokens":2}' >/dev/null && return 0
-    sleep 0.5
-  done
-  return 1
-}
 bench() {  # name url model_id
   for run in "1 0" "32 0" "32 0.7"; do
     set -- "$1" "$2" "$3" $run
@@ -42,7 +34,6 @@ except Exception as e:
 PY
   done
 }
-stop() { kill -TERM -"$1" 2>/dev/null; for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return; sleep 0.2; done; kill -KILL -"$1" 2>/dev/null; }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/summary.txt"
 [ -d "$model" ] || $py -m mlx_cluster make-model "$model" --preset "$preset" >/dev/null || exit 1
