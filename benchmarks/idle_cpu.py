@@ -1,4 +1,4 @@
-"""CPU used by each rank of an idle cluster, and bus collectives per step under load.
+"""CPU used by each rank of an idle cluster, and bus device syncs per plan under load (0 expected).
 
 python benchmarks/idle_cpu.py --ranks 2 --seconds 20
 """
