@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from mlx_cluster.constrain import grammar_processors
 from mlx_cluster.engine.plan import NewSequence, StepPlan
 from mlx_cluster.engine.sampling import make_logits_processors, make_sampler, top_logprobs
 
@@ -111,7 +112,9 @@ class Executor:
             caches=caches if any(c is not None for c in caches) else None,
             all_tokens=cached_tokens,
             samplers=[make_sampler(s.params, self.vocab_size) for s in new],
-            logits_processors=[make_logits_processors(s.params, len(s.prompt)) for s in new],
+            logits_processors=[
+                make_logits_processors(s.params, len(s.prompt)) + grammar_processors(s.grammar) for s in new
+            ],
             stop_sequences=[StopSequences([[t] for t in s.params.stop_token_ids] or None) for s in new],
         )
         for uid, seq in zip(uids, new):

@@ -35,6 +35,7 @@ class GenerationRequest:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
+    grammar: str = ""  # llguidance grammar constraining the output (constrain/grammar.py); "" = free
 
 
 @dataclass
@@ -277,7 +278,7 @@ class Frontend:
             if index:
                 # n > 1: independent samples of the same prompt, still reproducible from the seed.
                 params = SamplingParams(**{**params.__dict__, "seed": (params.seed + index) & 0xFFFFFFFFFFFFFFFF})
-            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params)
+            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params, grammar=req.grammar)
             assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
             self._seqs[seq_id] = _Seq(request, index, assembler)
             self._waiting.append(seq)

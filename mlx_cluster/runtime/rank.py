@@ -80,6 +80,8 @@ def build_engine(ctx: RankContext, stream):
     """
     import mlx.core as mx
 
+    from mlx_cluster import constrain
+    from mlx_cluster.agent.formats import marker_token_ids
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
@@ -87,6 +89,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.models.loader import load_model_shard
     from mlx_cluster.runtime.bus import ControlBus, Doorbell
     from mlx_cluster.server.generation import Limits
+    from mlx_cluster.server.turn import make_agent_setup
 
     cfg = ctx.config
     t0 = time.monotonic()
@@ -107,6 +110,7 @@ def build_engine(ctx: RankContext, stream):
         loaded.bytes_read / 1e6,
     )
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
+    constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
     sched = cfg.scheduler
     executor = Executor(
         loaded.model,
@@ -141,6 +145,9 @@ def build_engine(ctx: RankContext, stream):
         ctx.frontend = frontend
         state = ctx.state
         state.tokenizer = loaded.tokenizer
+        state.agent = agent = make_agent_setup(cfg.model, loaded.tokenizer, vocab_size)
+        # Tool-call and think markers may be special tokens; the parsers must see them in the text.
+        frontend.hidden_ids -= marker_token_ids(loaded.tokenizer, (agent.tool_format, agent.reasoning))
         state.frontend = frontend
         state.prefix_cache = prefix_cache
         state.bus_stats = bus.stats

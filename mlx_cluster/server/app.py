@@ -20,20 +20,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_cluster.config import ClusterConfig
 from mlx_cluster.server.auth import check_auth
+from mlx_cluster.server.chat import collect_chat, stream_chat
 from mlx_cluster.server.generation import (
     Choice,
     Limits,
     RequestStream,
-    chat_prompt,
     chunk,
     completion_prompt,
     echo_chunk,
     full_response,
-    make_request,
     sampling_params,
+    sse,
     usage_chunk,
 )
 from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from mlx_cluster.server.turn import Turn, prepare_turn, run_until_done, submit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ServerState:
     prefix_cache: object | None = None  # rank 0's PrefixCache (None when caching is off)
     bus_stats: object | None = None
     wedged_after_s: float = 30.0
+    agent: object | None = None  # server/turn.py AgentSetup: tool / reasoning formats, grammar compiler
+    responses: object | None = None  # server/responses.py ResponseStore
 
     @property
     def model_name(self) -> str:
@@ -202,57 +205,25 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(request: Request, kind: str):
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, data)
-        if req.model is not None and req.model != state.model_name:
-            raise APIError(
-                404,
-                f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(state, req.model)
         check_serving(state)
-        tokenizer = state.tokenizer
-        prompt = (
-            chat_prompt(tokenizer, req)
-            if kind == "chat"
-            else completion_prompt(tokenizer, req, state.limits.vocab_size)
-        )
-        params = sampling_params(req, len(prompt), state.limits, set(tokenizer.eos_token_ids))
-        stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
-        if kind == "completions" and req.echo:
-            stream.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
-        kv_error = state.frontend.kv_admission_error(len(prompt), params.max_tokens, req.n)
-        if kv_error == "too_large":
-            raise APIError(
-                400,
-                f"prompt + max_tokens ({(len(prompt) + params.max_tokens) * req.n} tokens for n={req.n}) "
-                f"exceeds this server's KV budget of {state.config.scheduler.max_kv_tokens} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        if kv_error == "kv_full":
-            raise APIError(
-                503,
-                "the KV cache is full and requests are already waiting for room; retry soon",
-                code="kv_cache_full",
-                headers={"Retry-After": "2"},
-            )
-        if not state.frontend.submit(make_request(stream, prompt, params, req)):
-            raise APIError(
-                429,
-                f"the queue is full ({state.config.scheduler.max_queue} requests wait already); retry soon",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
-        if state.metrics is not None:
-            state.metrics.request_started(len(prompt))
         timeout_s = state.config.server.request_timeout_s
+        stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
+        if kind == "chat":
+            turn = prepare_turn(state, req)
+            submit(state, stream, turn)
+            if req.stream:
+                return sse_response(stream_chat(state, stream, turn, req, timeout_s))
+            return await collect_chat(state, request, stream, turn, timeout_s)
+        tokenizer = state.tokenizer
+        prompt = completion_prompt(tokenizer, req, state.limits.vocab_size)
+        params = sampling_params(req, len(prompt), state.limits, set(tokenizer.eos_token_ids))
+        if req.echo:
+            stream.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
+        submit(state, stream, Turn(prompt=prompt, params=params, n=req.n, stop=req.stop_list))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                stream_events(state, stream, req, timeout_s, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return sse_response(stream_events(state, stream, req, timeout_s, include_usage))
         return await collect(state, request, stream, req, timeout_s)
 
     return app
@@ -274,6 +245,22 @@ async def read_json(request: Request, max_bytes: int):
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:  # e.g. 100k nested '[': a client error, not a 500
         raise APIError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def sse_response(body) -> StreamingResponse:
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def check_serving(state: ServerState) -> None:
@@ -326,10 +313,6 @@ def health_status(state: ServerState, waiting: int, running: int) -> str:
     return "ok"
 
 
-def sse(obj) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
-
-
 async def stream_events(state: ServerState, stream: RequestStream, req, timeout_s: float, include_usage: bool):
     """SSE body: a role chunk (chat), token chunks, an optional usage chunk, then [DONE].
 
@@ -379,35 +362,6 @@ async def collect(state: ServerState, request: Request, stream: RequestStream, r
             if event.finish_reason is not None:
                 c.finish_reason = event.finish_reason
 
-    consumer = asyncio.create_task(gather())
-    watcher = asyncio.create_task(_watch_disconnect(request))
-    try:
-        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if consumer.done():
-            consumer.result()  # re-raises an APIError from the engine
-    except APIError:
-        if state.metrics is not None:
-            state.metrics.request_finished(stream, "error")
-        raise
-    finally:
-        consumer.cancel()
-        watcher.cancel()
-        if not stream.finished:
-            state.frontend.abort(stream.id)
-            if state.metrics is not None:
-                state.metrics.request_finished(stream, "abort")
-    if not stream.finished:
+    if not await run_until_done(state, request, stream, gather):
         return Response(status_code=499)  # nobody is listening any more
-    if state.metrics is not None:
-        state.metrics.request_finished(stream, "ok")
     return JSONResponse(full_response(stream, state.tokenizer, choices))
-
-
-async def _watch_disconnect(request: Request) -> None:
-    """Return once the client has gone. The body is already read, so the next ASGI message is the
-    disconnect; `request.is_disconnected()` never sees it behind the BaseHTTPMiddleware above."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-        await asyncio.sleep(0.25)  # not expected; never spin

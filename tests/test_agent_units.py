@@ -1,0 +1,356 @@
+"""Units below the API surfaces: grammars and token masks (constrain/), the plan's grammar field,
+and the output parser that splits reasoning, answer text and tool calls (agent/).
+
+The grammar tests sample from the masks with a seeded numpy generator, i.e. a random-weight
+model at its worst: whatever it picks among the allowed tokens, the output must parse and
+validate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from mlx_cluster.agent.formats import load_tool_format, resolve_reasoning_format, resolve_tool_format
+from mlx_cluster.agent.output import Content, OutputParser, Reasoning, ToolCall, collect
+from mlx_cluster.constrain import (
+    Answer,
+    ConstraintSpec,
+    GrammarCompiler,
+    GrammarError,
+    Tool,
+    ToolSyntax,
+    logits_processor,
+    make_constraint,
+)
+from mlx_cluster.engine.plan import (
+    MAX_GRAMMAR_BYTES,
+    NewSequence,
+    PlanDecodeError,
+    SamplingParams,
+    StepPlan,
+    decode_plan,
+    encode_plan,
+)
+
+VOCAB = 2048
+HERMES = ToolSyntax("hermes", "<tool_call>", "</tool_call>")
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ORDER = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "qty": {"type": "integer"}},
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+        },
+        "express": {"type": "boolean"},
+        "note": {"anyOf": [{"type": "string", "maxLength": 8}, {"type": "null"}]},
+    },
+    "required": ["items", "express", "note"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from mlx_lm.tokenizer_utils import load
+
+    return load(Path(tiny_model_path))
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    return GrammarCompiler(tokenizer, VOCAB)
+
+
+def sample(grammar: str, tokenizer, seed: int, max_tokens: int = 200, forced: list[int] = ()) -> tuple[list[int], str]:
+    """Pick uniformly among the allowed tokens until end-of-sequence (or forced tokens first)."""
+    constraint = make_constraint(grammar, tokenizer, VOCAB)
+    rng = np.random.default_rng(seed)
+    tokens = []
+    eos = set(tokenizer.eos_token_ids)
+    for i in range(max_tokens):
+        mask = constraint.allowed_tokens()
+        allowed = np.arange(VOCAB) if mask is None else np.flatnonzero(mask)
+        token = forced[i] if i < len(forced) else int(rng.choice(allowed))
+        constraint.consume(token)
+        if token in eos:
+            assert constraint.finished
+            return tokens, tokenizer.decode(tokens)
+        tokens.append(token)
+    raise AssertionError(f"no end of sequence after {max_tokens} tokens: {tokenizer.decode(tokens)!r}")
+
+
+# ---- the plan carries the grammar -----------------------------------------------------------
+
+
+def test_plan_carries_the_grammar_to_every_rank():
+    params = SamplingParams(max_tokens=4, seed=1)
+    seq = NewSequence(3, (1, 2), params, grammar='start: "ok" | "caf\\u00e9 ☕"')
+    plan = StepPlan(step=9, new=(seq, NewSequence(4, (5,), params)))
+    assert decode_plan(encode_plan(plan)) == plan
+    assert decode_plan(encode_plan(plan)).new[1].grammar == ""
+
+
+def test_plan_decoder_bounds_the_grammar():
+    params = SamplingParams(max_tokens=4, seed=1)
+    big = encode_plan(StepPlan(step=1, new=(NewSequence(1, (1,), params, grammar="x" * (MAX_GRAMMAR_BYTES + 1)),)))
+    with pytest.raises(PlanDecodeError, match="grammar bytes"):
+        decode_plan(big)
+    good = encode_plan(StepPlan(step=1, new=(NewSequence(1, (1,), params, grammar="ab"),)))
+    bad = good.replace(b"ab", b"\xff\xfe")
+    with pytest.raises(PlanDecodeError, match="UTF-8"):
+        decode_plan(bad)
+
+
+# ---- grammars -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schema", [WEATHER, ORDER], ids=["weather", "order"])
+def test_json_schema_outputs_validate_over_many_seeds(compiler, tokenizer, schema):
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("json", schema=schema)))
+    for seed in range(25):
+        _, text = sample(grammar, tokenizer, seed)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_choice_and_regex(compiler, tokenizer):
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("choice", choices=("yes", 'no "way"', "peut-être"))))
+    assert {sample(grammar, tokenizer, s)[1] for s in range(30)} == {"yes", 'no "way"', "peut-être"}
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("regex", pattern=r"[0-9]{3}/[a-c]{2}")))
+    for seed in range(5):
+        text = sample(grammar, tokenizer, seed)[1]
+        assert len(text) == 6 and text[:3].isdigit() and text[3] == "/" and set(text[4:]) <= set("abc")
+    grammar = compiler.compile(
+        ConstraintSpec(
+            answer=Answer("json", schema={"type": "object", "properties": {}, "additionalProperties": False})
+        )
+    )
+    assert sample(grammar, tokenizer, 0)[1] == "{}"
+
+
+def test_unenforceable_schemas_are_errors_naming_the_field(compiler):
+    cases = [
+        (Answer("json", schema={"not": {"type": "string"}}, param="response_format.json_schema.schema"), "not"),
+        (Answer("json", schema={"type": "array", "uniqueItems": True}, param="guided_json"), "uniqueItems"),
+        (Answer("json", schema={"type": "string", "format": "zodiac"}, param="guided_json"), "zodiac"),
+        (Answer("json", schema={"$ref": "#/$defs/missing"}, param="guided_json"), "missing"),
+        (Answer("regex", pattern="a(?=b)", param="guided_regex"), "look-around"),
+    ]
+    for answer, word in cases:
+        with pytest.raises(GrammarError) as e:
+            compiler.compile(ConstraintSpec(answer=answer))
+        assert e.value.param == answer.param and word in str(e.value)
+    bad_tool = Tool("f", {"type": "object", "properties": {"a": {"not": {}}}}, param="tools.1.function.parameters")
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(ConstraintSpec(tools=(bad_tool,), tool_mode="required", syntax=HERMES))
+    assert e.value.param == "tools.1.function.parameters"
+
+
+def tool_calls(text: str, tokenizer) -> list[dict]:
+    parser = OutputParser(tools=resolve_tool_format("auto", tokenizer))
+    reasoning, content, calls = collect(parser.feed(text) + parser.finish())
+    assert content == "" and reasoning == ""
+    return calls
+
+
+def test_required_tool_calls_parse_and_validate(compiler, tokenizer):
+    tools = (Tool("get_weather", WEATHER), Tool("place_order", ORDER))
+    grammar = compiler.compile(ConstraintSpec(tools=tools, tool_mode="required", syntax=HERMES, parallel=True))
+    names = set()
+    for seed in range(20):
+        tokens, text = sample(grammar, tokenizer, seed, max_tokens=3000)
+        assert tokens[0] == tokenizer.convert_tokens_to_ids("<tool_call>")  # the marker token, as trained
+        calls = tool_calls(text, tokenizer)
+        assert calls
+        for call in calls:
+            name = call["function"]["name"]
+            names.add(name)
+            schema = WEATHER if name == "get_weather" else ORDER
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    assert names == {"get_weather", "place_order"}
+
+
+def test_named_tool_choice_makes_exactly_one_call(compiler, tokenizer):
+    grammar = compiler.compile(
+        ConstraintSpec(tools=(Tool("get_weather", WEATHER),), tool_mode="required", syntax=HERMES, parallel=False)
+    )
+    for seed in range(10):
+        [call] = tool_calls(sample(grammar, tokenizer, seed)[1], tokenizer)
+        assert call["function"]["name"] == "get_weather"
+
+
+def test_mistral_tool_syntax(compiler, tokenizer):
+    syntax = ToolSyntax("mistral", "[TOOL_CALLS]")
+    grammar = compiler.compile(
+        ConstraintSpec(tools=(Tool("get_weather", WEATHER),), tool_mode="required", syntax=syntax)
+    )
+    fmt = load_tool_format("mistral")
+    for seed in range(5):
+        text = sample(grammar, tokenizer, seed, max_tokens=400)[1]
+        parser = OutputParser(tools=fmt)
+        _, _, calls = collect(parser.feed(text) + parser.finish())
+        for call in calls:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+
+
+def test_grammar_applies_after_thinking_ends(compiler, tokenizer):
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("json", schema=WEATHER), think_end="</think>"))
+    thought = tokenizer.encode("I should answer in JSON.</think>\n", add_special_tokens=False)
+    constraint = make_constraint(grammar, tokenizer, VOCAB)
+    free = constraint.allowed_tokens()
+    assert free is None or free.sum() > VOCAB // 2  # thinking is (nearly) unconstrained
+    for token in thought:
+        constraint.consume(token)
+    mask = constraint.allowed_tokens()
+    assert mask is not None and mask.sum() < 50  # now only whitespace or '{' may come
+    for seed in range(5):
+        _, text = sample(grammar, tokenizer, seed, forced=thought)
+        answer = text.split("</think>", 1)[1]
+        jsonschema.validate(json.loads(answer), WEATHER)
+
+
+def test_masks_are_identical_for_identical_tokens(compiler, tokenizer):
+    """What keeps ranks in lock-step: same grammar + same tokens = same mask, built independently."""
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("json", schema=ORDER)))
+    tokens, _ = sample(grammar, tokenizer, 3)
+    a, b = make_constraint(grammar, tokenizer, VOCAB), make_constraint(grammar, tokenizer, VOCAB)
+    for token in tokens:
+        ma, mb = a.allowed_tokens(), b.allowed_tokens()
+        assert (ma is None and mb is None) or np.array_equal(ma, mb)
+        a.consume(token)
+        b.consume(token)
+
+
+def test_a_dead_end_allows_only_end_of_sequence(compiler, tokenizer):
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("choice", choices=("yes",))))
+    constraint = make_constraint(grammar, tokenizer, VOCAB)
+    constraint.consume(tokenizer.encode("no", add_special_tokens=False)[0])  # a token the mask forbade
+    assert constraint.finished
+    mask = constraint.allowed_tokens()
+    assert set(np.flatnonzero(mask)) == set(tokenizer.eos_token_ids)
+
+
+def test_logits_processor_adapter_masks_and_advances(compiler, tokenizer):
+    import mlx.core as mx
+
+    grammar = compiler.compile(ConstraintSpec(answer=Answer("choice", choices=("yes", "no"))))
+    processor = logits_processor(make_constraint(grammar, tokenizer, VOCAB))
+    prompt = mx.array([5, 6, 7])
+    logits = mx.zeros((1, VOCAB))
+    out = processor(prompt, logits)
+    allowed = set(np.flatnonzero(np.isfinite(np.array(out[0]))).tolist())
+    first = tokenizer.encode("yes", add_special_tokens=False)[0]
+    assert first in allowed and len(allowed) < 10
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    out = processor(mx.array([5, 6, 7, *yes]), logits)  # the whole word was sampled
+    assert set(np.flatnonzero(np.isfinite(np.array(out[0]))).tolist()) == set(tokenizer.eos_token_ids)
+
+
+# ---- output parsing ------------------------------------------------------------------------------
+
+
+def feed_in_pieces(parser: OutputParser, text: str, size: int) -> list:
+    parts = []
+    for i in range(0, len(text), size):
+        parts += parser.feed(text[i : i + size])
+    return parts + parser.finish()
+
+
+HERMES_OUT = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "note": "a \\"}\\" b"}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_hermes_tool_calls_stream_id_and_name_first_then_arguments(tokenizer, size):
+    parser = OutputParser(tools=resolve_tool_format("auto", tokenizer))
+    parts = feed_in_pieces(parser, HERMES_OUT, size)
+    assert parser.made_tool_call
+    _, content, calls = collect(parts)
+    assert content == "Let me check.\n"
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "note": 'a "}" b'}
+    assert json.loads(calls[1]["function"]["arguments"]) == {"tz": "CET"}
+    assert calls[0]["id"].startswith("call_") and calls[0]["id"] != calls[1]["id"]
+    first = [p for p in parts if isinstance(p, ToolCall) and p.index == 0]
+    assert first[0].id and first[0].name == "get_weather" and first[0].arguments == ""
+    assert all(p.id is None for p in first[1:])
+    if size < 10:
+        assert len(first) > 2  # arguments came in several pieces
+    assert not any("<tool_call>" in p.text or "</tool" in p.text for p in parts if isinstance(p, Content))
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_reasoning_is_split_from_the_answer(size):
+    think = resolve_reasoning_format("think", None)
+    parser = OutputParser(reasoning=think, in_reasoning=True)
+    parts = feed_in_pieces(parser, "step one, step two</think>\n\nThe answer.", size)
+    reasoning, content, calls = collect(parts)
+    assert (reasoning, content, calls) == ("step one, step two", "The answer.", [])
+    # A model that opens the block itself (DeepSeek-R1 / Qwen3 style).
+    parser = OutputParser(reasoning=think)
+    reasoning, content, _ = collect(feed_in_pieces(parser, "\n<think>hm</think>ok <think> stays", size))
+    assert (reasoning, content) == ("hm", "ok <think> stays")
+    # Without a reasoning parser the markers are just text.
+    assert collect(feed_in_pieces(OutputParser(), "a</think>b", size))[1] == "a</think>b"
+
+
+def test_tool_call_after_reasoning_and_truncated_calls(tokenizer):
+    fmt = resolve_tool_format("auto", tokenizer)
+    think = resolve_reasoning_format("think", None)
+    parser = OutputParser(tools=fmt, reasoning=think, in_reasoning=True)
+    text = 'hmm</think><tool_call>\n{"name": "f", "arguments": {"a": [1, {"b": 2}]}}\n</tool_call>'
+    reasoning, content, calls = collect(feed_in_pieces(parser, text, 3))
+    assert (
+        reasoning == "hmm" and content == "" and json.loads(calls[0]["function"]["arguments"]) == {"a": [1, {"b": 2}]}
+    )
+    # Cut off by max_tokens: what was streamed stays (finish_reason says length).
+    parser = OutputParser(tools=fmt)
+    _, _, calls = collect(feed_in_pieces(parser, '<tool_call>\n{"name": "f", "arguments": {"a": "xy', 2))
+    assert calls[0]["function"]["name"] == "f" and calls[0]["function"]["arguments"] == '{"a": "xy'
+    # Not a call we can read: kept as text rather than lost.
+    parser = OutputParser(tools=fmt)
+    _, content, calls = collect(feed_in_pieces(parser, "<tool_call>\nnot json\n</tool_call> tail", 5))
+    assert calls == [] and content == "<tool_call>\nnot json\n</tool_call>tail"
+
+
+def test_mistral_calls_are_parsed_when_the_output_ends():
+    parser = OutputParser(tools=load_tool_format("mistral"))
+    text = 'Sure.[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]'
+    _, content, calls = collect(feed_in_pieces(parser, text, 4))
+    assert content == "Sure." and [c["function"]["name"] for c in calls] == ["a", "b"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": 1}, {}]
+
+
+def test_format_resolution(tokenizer):
+    assert resolve_tool_format("auto", tokenizer).name == "json_tools"
+    assert resolve_tool_format("hermes", tokenizer).syntax == HERMES
+    assert resolve_tool_format("none", tokenizer) is None
+    assert resolve_tool_format("qwen3_coder", tokenizer).syntax is None  # parsed, not enforceable
+    assert resolve_reasoning_format("auto", tokenizer).end == "</think>"  # the built-in template can think
+    assert resolve_reasoning_format("none", tokenizer) is None
+    with pytest.raises(ValueError, match="unknown tool parser"):
+        resolve_tool_format("nope", tokenizer)
+    assert isinstance(Reasoning("x"), Reasoning)
