@@ -46,6 +46,7 @@ class TokenEvent:
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]
     finish_reason: str | None
     ts: float
+    stop_sequence: str | None = None  # the stop string that ended the sequence (Anthropic reports it)
 
 
 @dataclass
@@ -338,7 +339,8 @@ class Frontend:
             if finish is not None:
                 seq.finished = True
             logprobs = [(out.token, out.logprob, out.top_logprobs)] if out.logprob is not None else []
-            seq.request.req.deliver(TokenEvent(seq.index, text, [out.token], logprobs, finish, now))
+            matched = seq.assembler.matched if stopped else None
+            seq.request.req.deliver(TokenEvent(seq.index, text, [out.token], logprobs, finish, now, matched))
             if finish is not None:
                 self._finish_seq(out.seq_id, seq)
         self._update_stats()

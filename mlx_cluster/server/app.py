@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_cluster.config import ClusterConfig
@@ -25,15 +25,24 @@ from mlx_cluster.server.generation import (
     Choice,
     Limits,
     RequestStream,
+    check_model,
     chunk,
     completion_prompt,
     echo_chunk,
     full_response,
     sampling_params,
     sse,
+    sse_response,
     usage_chunk,
 )
-from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from mlx_cluster.server.messages import CountTokensRequest, MessagesRequest, count_tokens_endpoint, messages_endpoint
+from mlx_cluster.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    anthropic_error_body,
+    parse_request,
+)
 from mlx_cluster.server.turn import Turn, prepare_turn, run_until_done, submit
 
 log = logging.getLogger(__name__)
@@ -91,7 +100,7 @@ def _openapi_with_request_models(app: FastAPI):
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatCompletionRequest, CompletionRequest):
+            for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest):
                 defs = model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {})
                 components.update(defs)
         return app.openapi_schema
@@ -99,8 +108,10 @@ def _openapi_with_request_models(app: FastAPI):
     return openapi
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    """OpenAI's error envelope, or Anthropic's on the Messages API routes."""
+    body = anthropic_error_body(err) if path.startswith("/v1/messages") else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -112,28 +123,32 @@ def create_app(state: ServerState) -> FastAPI:
             CORSMiddleware,
             allow_origins=state.config.server.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
         )
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"][1:]) or None
-        return error_response(APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value"))
+        return error_response(
+            APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value"), request.url.path
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+        code = "not_found" if exc.status_code == 404 else None
+        return error_response(APIError(exc.status_code, message, code=code), request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error in a request handler")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return error_response(err, request.url.path)
 
     @app.middleware("http")
     async def _auth_and_limits(request: Request, call_next):
@@ -142,9 +157,9 @@ def create_app(state: ServerState) -> FastAPI:
         protected |= path == "/metrics" and not state.config.server.open_metrics
         protected |= path in ("/livez", "/readyz", "/health") and not state.config.server.open_probes
         if protected and request.method != "OPTIONS":
-            err = check_auth(request.headers.get("authorization"), state.api_keys)
+            err = check_auth(request.headers.get("authorization"), state.api_keys, request.headers.get("x-api-key"))
             if err is not None:
-                return error_response(err)
+                return error_response(err, path)
         return await call_next(request)
 
     # ---- probes ---------------------------------------------------------------------
@@ -198,6 +213,22 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
+    @app.post("/v1/messages", openapi_extra=_body_schema(MessagesRequest))
+    async def messages(request: Request):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(MessagesRequest, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return await messages_endpoint(state, request, req)
+
+    @app.post("/v1/messages/count_tokens", openapi_extra=_body_schema(CountTokensRequest))
+    async def count_tokens(request: Request):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(CountTokensRequest, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return count_tokens_endpoint(state, req)
+
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
         return await generate(request, "completions")
@@ -205,7 +236,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(request: Request, kind: str):
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, data)
-        check_model(state, req.model)
+        check_model(req.model, state.model_name)
         check_serving(state)
         timeout_s = state.config.server.request_timeout_s
         stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
@@ -245,22 +276,6 @@ async def read_json(request: Request, max_bytes: int):
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:  # e.g. 100k nested '[': a client error, not a 500
         raise APIError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
-
-
-def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
-
-
-def sse_response(body) -> StreamingResponse:
-    return StreamingResponse(
-        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
 
 
 def check_serving(state: ServerState) -> None:

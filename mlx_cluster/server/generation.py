@@ -12,6 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from fastapi.responses import StreamingResponse
+
 from mlx_cluster.engine.frontend import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
 from mlx_cluster.engine.plan import SamplingParams
 from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -203,6 +205,23 @@ class RequestStream:
 def make_request(stream: RequestStream, prompt: list[int], params: SamplingParams, req) -> GenerationRequest:
     return GenerationRequest(
         request_id=stream.id, prompt=prompt, params=params, deliver=stream.deliver, n=req.n, stop=req.stop_list
+    )
+
+
+def check_model(model: str | None, served: str) -> None:
+    """404 for a request naming another model than the one this server serves."""
+    if model is not None and model != served:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def sse_response(body) -> StreamingResponse:
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
 
