@@ -43,6 +43,8 @@ from mlx_cluster.server.protocol import (
     anthropic_error_body,
     parse_request,
 )
+from mlx_cluster.server.response_store import ResponseStore
+from mlx_cluster.server.responses import ResponsesRequest, delete_response, get_response, responses_endpoint
 from mlx_cluster.server.turn import Turn, prepare_turn, run_until_done, submit
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def _openapi_with_request_models(app: FastAPI):
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest):
+            for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest, ResponsesRequest):
                 defs = model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {})
                 components.update(defs)
         return app.openapi_schema
@@ -117,12 +119,15 @@ def error_response(err: APIError, path: str = "") -> JSONResponse:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="mlx-cluster", version="0.1.0")
     app.state.server = state
+    if state.responses is None:
+        server_cfg = state.config.server
+        state.responses = ResponseStore(server_cfg.responses_store_max, server_cfg.responses_store_ttl_s)
     app.openapi = _openapi_with_request_models(app)
     if state.config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=state.config.server.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
         )
 
@@ -212,6 +217,22 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await generate(request, "chat")
+
+    @app.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def responses(request: Request):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(ResponsesRequest, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return await responses_endpoint(state, request, req)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_stored_response(response_id: str):
+        return get_response(state, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_stored_response(response_id: str):
+        return delete_response(state, response_id)
 
     @app.post("/v1/messages", openapi_extra=_body_schema(MessagesRequest))
     async def messages(request: Request):
