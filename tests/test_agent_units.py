@@ -354,3 +354,94 @@ def test_format_resolution(tokenizer):
     with pytest.raises(ValueError, match="unknown tool parser"):
         resolve_tool_format("nope", tokenizer)
     assert isinstance(Reasoning("x"), Reasoning)
+
+
+def test_auto_tools_with_a_response_format_allow_either(compiler, tokenizer):
+    spec = ConstraintSpec(
+        answer=Answer("json", schema=ORDER), tools=(Tool("get_weather", WEATHER),), tool_mode="auto", syntax=HERMES
+    )
+    grammar = compiler.compile(spec)
+    kinds = set()
+    for seed in range(12):
+        _, text = sample(grammar, tokenizer, seed, max_tokens=3000)
+        if text.startswith("<tool_call>"):
+            kinds.add("call")
+            for call in tool_calls(text, tokenizer):
+                jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+        else:
+            kinds.add("answer")
+            jsonschema.validate(json.loads(text), ORDER)
+    assert kinds == {"call", "answer"}
+    # auto with strict tools and no answer format: free text, or calls that validate.
+    grammar = compiler.compile(ConstraintSpec(tools=(Tool("get_weather", WEATHER),), tool_mode="auto", syntax=HERMES))
+    forced = [tokenizer.convert_tokens_to_ids("<tool_call>")]
+    _, text = sample(grammar, tokenizer, 0, forced=forced, max_tokens=3000)
+    for call in tool_calls(text, tokenizer):
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+
+
+def test_messages_and_responses_translate_onto_one_chat_request():
+    from mlx_cluster.server.messages import MessagesRequest
+    from mlx_cluster.server.messages import to_chat as messages_to_chat
+    from mlx_cluster.server.protocol import parse_request
+    from mlx_cluster.server.responses import ResponsesRequest, input_messages
+    from mlx_cluster.server.responses import to_chat as responses_to_chat
+
+    body = {
+        "model": "m",
+        "max_tokens": 9,
+        "system": [{"type": "text", "text": "sys"}],
+        "stop_sequences": ["END"],
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "thinking": {"type": "enabled", "budget_tokens": 100},
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "ok"},
+                    {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "42"},
+                    {"type": "text", "text": "go"},
+                ],
+            },
+        ],
+    }
+    chat = messages_to_chat(parse_request(MessagesRequest, body))
+    roles = [m.role for m in chat.messages]
+    assert roles == ["system", "user", "assistant", "tool", "user"]
+    assert chat.messages[2].tool_calls[0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert chat.messages[3].tool_call_id == "t1" and chat.messages[3].content == "42"
+    assert chat.tool_choice == "required" and chat.parallel_tool_calls is False and chat.stop == ["END"]
+    assert chat.chat_template_kwargs == {"enable_thinking": True} and chat.max_tokens == 9
+
+    req = parse_request(
+        ResponsesRequest,
+        {
+            "instructions": "be nice",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "1"},
+                {"type": "reasoning", "summary": []},
+            ],
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "f"},
+            "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}},
+            "max_output_tokens": 7,
+        },
+    )
+    new = input_messages(req)
+    chat = responses_to_chat(req, [{"role": "user", "content": "earlier"}], new)
+    assert [m.role for m in chat.messages] == ["system", "user", "user", "assistant", "tool"]
+    assert [c["id"] for c in chat.messages[3].tool_calls] == ["c1", "c2"]
+    assert chat.tools[0].function.strict is True  # Responses function tools are strict unless told otherwise
+    assert chat.tool_choice.function.name == "f" and chat.max_tokens == 7
+    assert chat.response_format.json_schema.schema_ == {"type": "object"}
