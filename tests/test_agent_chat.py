@@ -332,5 +332,8 @@ def test_bad_tools_and_schemas_are_400s_naming_the_field(client):
     assert e.body["param"] == "guided_regex"
     assert bad(client, extra_body={"guided_regex": "(?<=a)b"}).body["param"] == "guided_regex"
     assert bad(client, response_format={"type": "yaml"}).body["param"] == "response_format.type"
+    huge = {"type": "string", "enum": [f"value-{i:06d}" for i in range(12000)]}  # a grammar over the plan's bound
+    e = bad(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": huge}})
+    assert e.body["param"] == "response_format.json_schema.schema" and "at most" in e.body["message"]
     # The server is fine afterwards.
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).choices[0].finish_reason == "length"

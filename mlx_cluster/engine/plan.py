@@ -20,7 +20,9 @@ MAX_PROMPT_TOKENS = 1 << 20
 MAX_STOP_IDS = 64
 MAX_LOGIT_BIAS = 1024
 MAX_RESTORE_BLOCKS = 1 << 16
-MAX_GRAMMAR_BYTES = 1 << 20  # a compiled llguidance grammar (JSON schemas, tool signatures)
+# A compiled llguidance grammar (JSON schemas, tool signatures). Small enough that a plan with
+# the most new sequences a step admits (256) stays far below the bus's 64 MiB frame limit.
+MAX_GRAMMAR_BYTES = 128 << 10
 
 FLAG_IDLE = 1  # the batch is empty: the next plan is announced by the doorbell first
 FLAG_SHUTDOWN = 2  # every rank leaves its loop after this step

@@ -21,7 +21,7 @@ from mlx_cluster.agent.formats import ReasoningFormat, ToolFormat, resolve_reaso
 from mlx_cluster.agent.output import OutputParser
 from mlx_cluster.constrain.grammar import Answer, ConstraintSpec, GrammarCompiler, GrammarError, Tool
 from mlx_cluster.engine.frontend import GenerationRequest, TokenEvent
-from mlx_cluster.engine.plan import SamplingParams
+from mlx_cluster.engine.plan import MAX_GRAMMAR_BYTES, SamplingParams
 from mlx_cluster.server.generation import RequestStream, chat_text, sampling_params, usage
 from mlx_cluster.server.protocol import APIError, ChatCompletionRequest
 
@@ -223,6 +223,15 @@ def prepare_turn(state, req: ChatCompletionRequest) -> Turn:
             grammar = agent.compiler.compile(spec)
         except GrammarError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
+            param = answer.param if answer is not None else "tools"
+            raise APIError(
+                400,
+                f"{param}: the output constraint compiles to {len(grammar.encode())} bytes; "
+                f"this server takes at most {MAX_GRAMMAR_BYTES} (use smaller schemas or fewer tools)",
+                param=param,
+                code="invalid_value",
+            )
     if grammar:
         # The grammar ends with end-of-sequence, so it must stop the sequence even with ignore_eos.
         params = dataclasses.replace(params, stop_token_ids=tuple(sorted(tokenizer.eos_token_ids)))
