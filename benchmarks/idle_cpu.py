@@ -42,14 +42,14 @@ def main() -> None:
             return float(text.split(name + '{model_name="builtin:tiny",rank="0"} ')[1].split()[0])
 
         plans = value(text1, "mlx_cluster_bus_plans_total") - value(text0, "mlx_cluster_bus_plans_total")
-        colls = value(text1, "mlx_cluster_bus_collectives_total") - value(text0, "mlx_cluster_bus_collectives_total")
+        syncs = value(text1, "mlx_cluster_bus_device_syncs_total") - value(text0, "mlx_cluster_bus_device_syncs_total")
         print(
             json.dumps(
                 {
                     "idle_cpu_percent_of_one_core": idle,
                     "seconds": args.seconds,
                     "plans_during_one_200_token_request": plans,
-                    "bus_collectives_per_plan": round(colls / plans, 3),
+                    "bus_device_syncs_per_plan": round(syncs / plans, 3),
                 },
                 indent=2,
             )

@@ -24,7 +24,6 @@ from mlx_cluster.constrain import (
     GrammarError,
     Tool,
     ToolSyntax,
-    logits_processor,
     make_constraint,
 )
 from mlx_cluster.engine.plan import (
@@ -251,20 +250,38 @@ def test_a_dead_end_allows_only_end_of_sequence(compiler, tokenizer):
     assert set(np.flatnonzero(mask)) == set(tokenizer.eos_token_ids)
 
 
-def test_logits_processor_adapter_masks_and_advances(compiler, tokenizer):
-    import mlx.core as mx
+def test_the_decode_step_masks_constrained_rows_and_leaves_free_rows_alone(models_dir):
+    """Executor-level: a constrained and a free sequence in one batch (the engine's decode step)."""
+    from mlx_cluster import constrain
+    from mlx_cluster.cache.testing import load_tiny, make_executor
+    from mlx_cluster.engine.plan import StepPlan
 
-    grammar = compiler.compile(ConstraintSpec(answer=Answer("choice", choices=("yes", "no"))))
-    processor = logits_processor(make_constraint(grammar, tokenizer, VOCAB))
-    prompt = mx.array([5, 6, 7])
-    logits = mx.zeros((1, VOCAB))
-    out = processor(prompt, logits)
-    allowed = set(np.flatnonzero(np.isfinite(np.array(out[0]))).tolist())
-    first = tokenizer.encode("yes", add_special_tokens=False)[0]
-    assert first in allowed and len(allowed) < 10
-    yes = tokenizer.encode("yes", add_special_tokens=False)
-    out = processor(mx.array([5, 6, 7, *yes]), logits)  # the whole word was sampled
-    assert set(np.flatnonzero(np.isfinite(np.array(out[0]))).tolist()) == set(tokenizer.eos_token_ids)
+    loaded = load_tiny(models_dir)
+    constrain.install(loaded.tokenizer, VOCAB)
+    assert constrain.sequence_constraint("") is None
+    grammar = GrammarCompiler(loaded.tokenizer, VOCAB).compile(ConstraintSpec(answer=Answer("json", schema=WEATHER)))
+    eos = tuple(sorted(loaded.tokenizer.eos_token_ids))
+
+    def run(seqs):
+        executor = make_executor(loaded, None)
+        executor.apply(StepPlan(step=0, new=tuple(seqs)))
+        tokens = {s.seq_id: [] for s in seqs}
+        while executor.active:
+            for out in executor.step():
+                tokens[out.seq_id].append(out.token)
+        return tokens
+
+    free = NewSequence(1, (5, 6, 7, 8), SamplingParams(max_tokens=12, seed=3, temperature=0.9))
+    sampled = SamplingParams(max_tokens=120, seed=4, temperature=1.0, stop_token_ids=eos)
+    greedy = SamplingParams(max_tokens=120, seed=0, temperature=0.0, stop_token_ids=eos)
+    together = run(
+        [free, NewSequence(2, (5, 6, 7), sampled, grammar=grammar), NewSequence(3, (9,), greedy, grammar=grammar)]
+    )
+    assert together[1] == run([free])[1]  # a free row samples as if it were alone
+    for seq_id in (2, 3):
+        tokens = together[seq_id]
+        assert tokens[-1] in eos
+        jsonschema.validate(json.loads(loaded.tokenizer.decode(tokens[:-1])), WEATHER)
 
 
 # ---- output parsing ------------------------------------------------------------------------------

@@ -1,13 +1,7 @@
 """Grammar-constrained decoding: grammars compiled on rank 0, token masks applied on every rank."""
 
 from mlx_cluster.constrain.grammar import Answer, ConstraintSpec, GrammarCompiler, GrammarError, Tool, ToolSyntax
-from mlx_cluster.constrain.matcher import (
-    TokenConstraint,
-    grammar_processors,
-    install,
-    logits_processor,
-    make_constraint,
-)
+from mlx_cluster.constrain.matcher import TokenConstraint, install, make_constraint, sequence_constraint
 
 __all__ = [
     "Answer",
@@ -17,8 +11,7 @@ __all__ = [
     "TokenConstraint",
     "Tool",
     "ToolSyntax",
-    "grammar_processors",
     "install",
-    "logits_processor",
     "make_constraint",
+    "sequence_constraint",
 ]

@@ -106,41 +106,10 @@ def install(tokenizer, vocab_size: int) -> None:
     ll_tokenizer(tokenizer, vocab_size)  # pay the vocabulary walk now, not on the first request
 
 
-def logits_processor(constraint: TokenConstraint):
-    """Adapter to mlx-lm's logits-processor signature `processor(context, logits) -> logits`.
-
-    mlx-lm calls a sequence's processors once per decode step with every token so far (prompt
-    included); the first call sees only the prompt. Reading the newest token is a host sync on
-    the previous step (this adapter runs until the engine computes masks beside the forward).
-    """
-    import mlx.core as mx
-
-    seen = None
-
-    def processor(context: mx.array, logits: mx.array) -> mx.array:
-        nonlocal seen
-        n = context.size
-        if seen is None:
-            seen = n
-        elif n > seen:
-            for token in context[seen:].tolist():
-                constraint.consume(token)
-            seen = n
-        mask = constraint.allowed_tokens()
-        if mask is None:
-            return logits
-        width = logits.shape[-1]
-        if mask.size < width:  # logits padded past the tokenizer: never allow those ids
-            mask = np.concatenate([mask, np.zeros(width - mask.size, dtype=bool)])
-        return mx.where(mx.array(mask[:width]), logits, mx.array(-np.inf, dtype=logits.dtype))
-
-    return processor
-
-
-def grammar_processors(grammar: str) -> list:
-    """The logits processors a sequence needs for its grammar: none when it is unconstrained."""
+def sequence_constraint(grammar: str) -> TokenConstraint | None:
+    """The constraint of a sequence joining the batch: None when it is unconstrained."""
     if not grammar:
-        return []
+        return None
     assert _installed is not None, "constrain.install() must run before a constrained sequence arrives"
     tokenizer, vocab_size = _installed
-    return [logits_processor(make_constraint(grammar, tokenizer, vocab_size))]
+    return make_constraint(grammar, tokenizer, vocab_size)
