@@ -100,17 +100,14 @@ def check_calls(message, *, names=None) -> list:
 
 
 def test_required_tool_calls_always_parse_and_validate(client):
-    seen = set()
     for seed in range(6):
         resp = client.chat.completions.create(
             model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=seed
         )
         choice = resp.choices[0]
         assert choice.finish_reason == "tool_calls"
-        calls = check_calls(choice.message)
+        check_calls(choice.message, names=set(SCHEMAS))
         assert choice.message.content is None
-        seen |= {c.function.name for c in calls}
-    assert seen == {"get_weather", "get_time"}  # the model chooses among the tools
 
 
 def test_named_tool_choice_calls_exactly_that_function(client):
