@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
 
+from mlx_cluster.constrain import sequence_constraint
 from mlx_cluster.engine.decode import Batcher, RowSampling
 from mlx_cluster.engine.plan import NewSequence, StepPlan
 from mlx_cluster.engine.sampling import make_logits_processors, top_logprobs
@@ -112,7 +113,7 @@ class Executor:
             max_tokens=[s.params.max_tokens for s in new],
             caches=caches if any(c is not None for c in caches) else None,
             all_tokens=cached_tokens,
-            samplers=[RowSampling(s.params, self.vocab_size) for s in new],
+            samplers=[RowSampling(s.params, self.vocab_size, sequence_constraint(s.grammar)) for s in new],
             logits_processors=[make_logits_processors(s.params, len(s.prompt)) for s in new],
             stop_sequences=[StopSequences([[t] for t in s.params.stop_token_ids] or None) for s in new],
         )

@@ -86,6 +86,8 @@ def build_engine(ctx: RankContext, stream):
     """
     import mlx.core as mx
 
+    from mlx_cluster import constrain
+    from mlx_cluster.agent.formats import marker_token_ids
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
@@ -95,6 +97,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.models.loader import load_model_shard
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
     from mlx_cluster.server.generation import Limits
+    from mlx_cluster.server.turn import make_agent_setup
 
     cfg = ctx.config
     t0 = time.monotonic()
@@ -118,6 +121,7 @@ def build_engine(ctx: RankContext, stream):
     # MoE experts and other shapes are left as they are).
     log.info("fused %d projection groups", fuse_projections(loaded.model))
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
+    constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
     sched = cfg.scheduler
     executor = Executor(
         loaded.model,
@@ -153,6 +157,9 @@ def build_engine(ctx: RankContext, stream):
         ctx.frontend = frontend
         state = ctx.state
         state.tokenizer = loaded.tokenizer
+        state.agent = agent = make_agent_setup(cfg.model, loaded.tokenizer, vocab_size)
+        # Tool-call and think markers may be special tokens; the parsers must see them in the text.
+        frontend.hidden_ids -= marker_token_ids(loaded.tokenizer, (agent.tool_format, agent.reasoning))
         state.frontend = frontend
         state.prefix_cache = prefix_cache
         state.bus_stats = bus.stats
