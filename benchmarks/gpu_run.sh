@@ -11,17 +11,9 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export PYTHONPATH=$(pwd):${PYTHONPATH:-}
 model=/tmp/mlxc-$preset
 py=python3
+source "$(dirname "$0")/servers.sh"
 
 log() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
-wait_up() {  # url pid
-  for _ in $(seq 1 600); do
-    kill -0 "$2" 2>/dev/null || return 1
-    curl -sf "$1/v1/models" >/dev/null && curl -sf "$1/v1/completions" -H 'Content-Type: application/json' \
-      -d '{"prompt":"hi","max_tokens":2}' >/dev/null && return 0
-    sleep 0.5
-  done
-  return 1
-}
 bench() {  # name url model_id
   for c in 1 8; do
     $py -m mlx_cluster bench "$2" --model "$3" --json --no-progress --concurrency $c \
@@ -39,7 +31,6 @@ except Exception as e:
 EOF
   done
 }
-stop() { kill -TERM -"$1" 2>/dev/null; for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return; sleep 0.2; done; kill -KILL -"$1" 2>/dev/null; }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/summary.txt"
 log "make-model $preset"

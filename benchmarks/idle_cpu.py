@@ -1,4 +1,4 @@
-"""CPU used by each rank of an idle cluster, and bus collectives per step under load.
+"""CPU used by each rank of an idle cluster, and bus device syncs per plan under load (0 expected).
 
 python benchmarks/idle_cpu.py --ranks 2 --seconds 20
 """
@@ -42,7 +42,7 @@ def main() -> None:
             return float(text.split(name + '{model_name="builtin:tiny",rank="0"} ')[1].split()[0])
 
         plans = value(text1, "mlx_cluster_bus_plans_total") - value(text0, "mlx_cluster_bus_plans_total")
-        colls = value(text1, "mlx_cluster_bus_collectives_total") - value(text0, "mlx_cluster_bus_collectives_total")
+        syncs = value(text1, "mlx_cluster_bus_device_syncs_total") - value(text0, "mlx_cluster_bus_device_syncs_total")
         print(
             json.dumps(
                 {
@@ -51,7 +51,7 @@ def main() -> None:
                     # tests/cluster.py's setting, not the default (1 s): it sets the idle wake-ups
                     "heartbeat_s": cluster.config["supervisor"]["heartbeat_s"],
                     "plans_during_one_200_token_request": plans,
-                    "bus_collectives_per_plan": round(colls / plans, 3),
+                    "bus_device_syncs_per_plan": round(syncs / plans, 3),
                 },
                 indent=2,
             )

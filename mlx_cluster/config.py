@@ -85,6 +85,29 @@ class ModelSection(_Strict):
     name: str | None = None  # the id clients send as "model"; defaults to path
     builtin_dir: str = "~/.cache/mlx-cluster/models"
     trust_remote_code: bool = False
+    tool_parser: str = "auto"  # auto | none | an mlx-lm tool parser (json_tools/hermes, mistral, ...)
+    reasoning_parser: str = "auto"  # auto | none | think | qwen3 | deepseek_r1
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _tool_parser(cls, v: str) -> str:
+        from mlx_cluster.agent.formats import tool_parser_names
+
+        names = tool_parser_names()
+        if v not in ("auto", "none", *names):
+            raise ValueError(f"unknown tool parser {v!r}; choose one of: auto, none, {', '.join(names)}")
+        return v
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _reasoning_parser(cls, v: str) -> str:
+        from mlx_cluster.agent.formats import REASONING_PARSERS
+
+        if v not in ("auto", "none", *REASONING_PARSERS):
+            raise ValueError(
+                f"unknown reasoning parser {v!r}; choose one of: auto, none, {', '.join(REASONING_PARSERS)}"
+            )
+        return v
 
     @property
     def served_name(self) -> str:
@@ -102,6 +125,9 @@ class ServerSection(_Strict):
     open_probes: bool = True
     open_metrics: bool = True
     wedged_after_s: float = Field(30.0, gt=0)  # /readyz fails when work waits this long without a finished step
+    # /v1/responses keeps stored responses (for previous_response_id and GET) in rank 0's memory
+    responses_store_max: int = Field(1000, ge=0, le=1_000_000)  # 0 turns storing off
+    responses_store_ttl_s: float = Field(3600.0, gt=0)
 
 
 class SchedulerSection(_Strict):

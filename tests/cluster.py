@@ -45,7 +45,7 @@ def stall_bound_s(collective_timeout_s: float, heartbeat_s: float) -> float:
     (FAILURE_BOUNDS). Why: an idle rank 0 begins its next heartbeat plan within heartbeat_s;
     that plan's collective then blocks; the watchdog, looking every 0.25 s, ends the rank once
     it has blocked for collective_timeout_s, after the 1 s fail path. A worker that hears
-    nothing from rank 0 gives up after collective_timeout_s (doorbell) or its own watchdog,
+    nothing from rank 0 gives up after collective_timeout_s (its plan link's silence timeout) or its own watchdog,
     whichever comes first: within the same bound."""
     return collective_timeout_s + heartbeat_s + WATCHDOG_POLL_S + FAIL_PATH_S
 
@@ -233,7 +233,7 @@ class Cluster:
             return []
 
     def placement(self):
-        """Where the group listens: `.doorbell` (ip, port) and `.ports` (ring ports and the doorbell)."""
+        """Where the group listens: `.doorbell` (ip, port: the plan link) and `.ports` (ring ports and it)."""
         from mlx_cluster.config import load_config
         from mlx_cluster.launcher.placement import plan_placement
 

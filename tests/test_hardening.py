@@ -304,7 +304,7 @@ HTTP_GARBAGE = [
 
 def test_rogue_bytes_on_the_http_port_are_answered_and_change_nothing(secured):
     """The HTTP port is what really listens for strangers once the group runs (the ring ports and
-    the doorbell stop listening after the group has joined: see the next test)."""
+    the plan link stop listening after the group has joined: see the next test)."""
     pids, restarts = secured.rank_pids(), secured.restarts()
     for payload in HTTP_GARBAGE:
         with socket.create_connection(("127.0.0.1", secured.port), timeout=10) as s:
@@ -466,7 +466,7 @@ class Stranger(threading.Thread):
         return self
 
 
-DOORBELL_GARBAGE = [
+PLAN_LINK_GARBAGE = [
     bytes(random.Random(2).getrandbits(8) for _ in range(64)),
     struct.pack("<I", 1) + b"0" * 32,  # rank 1's hello with a wrong token of the right length
     struct.pack("<I", 0) + b"0" * 32,  # a rank that never dials
@@ -474,62 +474,62 @@ DOORBELL_GARBAGE = [
 ]
 
 
-def doorbell_rejections(cluster) -> int:
-    return cluster.logs(rank=0).count("doorbell: rejected a connection from 127.0.0.1")
+def plan_link_rejections(cluster) -> int:
+    return cluster.logs(rank=0).count("plan link: rejected a connection from 127.0.0.1")
 
 
-def test_strangers_on_the_doorbell_and_ring_ports_while_the_group_joins(tmp_path, models_dir):
-    """The doorbell and the ring ports listen only while a group joins (at start-up and after
+def test_strangers_on_the_plan_link_and_ring_ports_while_the_group_joins(tmp_path, models_dir):
+    """The plan link (on the doorbell port) and the ring ports listen only while a group joins (at start-up and after
     every restart), so that is when strangers are let at them."""
     cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir, config={"supervisor": {"max_restarts": 10}})
     placement = cluster.placement()
-    doorbell = placement.doorbell[1]
-    ring_ports = sorted(port for _, port in placement.ports if port != doorbell)
+    plan_link = placement.doorbell[1]  # the port keeps its old name in the placement
+    ring_ports = sorted(port for _, port in placement.ports if port != plan_link)
     try:
-        # 1. The doorbell's accept phase at start-up. Rank 0 accepts whoever dials first; a
+        # 1. The plan link's accept phase at start-up. Rank 0 accepts whoever dials first; a
         # stranger that wins the race must be read, rejected and dropped, and the real worker
         # still joins. (The stranger dials every millisecond, the worker every 100 ms, so the
         # stranger nearly always gets in first; if it does not, step 2 gives it another go.)
-        stranger = Stranger(doorbell, DOORBELL_GARBAGE)
+        stranger = Stranger(plan_link, PLAN_LINK_GARBAGE)
         stranger.start()
         cluster.start()
         stranger.stop()
-        assert all(stranger.closed), "the doorbell left a stranger hanging"
+        assert all(stranger.closed), "the plan link left a stranger hanging"
         pids = cluster.rank_pids()
-        rejected = doorbell_rejections(cluster)
+        rejected = plan_link_rejections(cluster)
         if rejected:
-            assert cluster.restarts() == 0, "a stranger on the doorbell cost a restart"
+            assert cluster.restarts() == 0, "a stranger on the plan link cost a restart"
         # Once joined, nothing listens on those ports any more: strangers are refused.
-        for port in [*ring_ports, doorbell]:
+        for port in [*ring_ports, plan_link]:
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
         reference = cluster.post("/v1/completions", BODY)
         assert reference.status_code == 200
 
         # 2. A restarted group's ports while it joins: kill rank 1, and let one stranger at rank
-        # 0's ring port (the first to listen in every join) and strangers at the doorbell.
+        # 0's ring port (the first to listen in every join) and strangers at the plan link.
         # MLX's ring join is not authenticated: the listening rank takes the first connection as
         # its peer, so the stranger makes that join fail on both ranks (`[ring] Couldn't
         # connect`, after MLX's ~30 s of connect retries): cleanly, exit 1, nothing hangs, and
         # the supervisor starts the group again. So one stranger costs one restart and about
         # half a minute; a stream of them keeps the group from forming (and uses up
         # max_restarts), which is why docs/cluster-setup.md says to keep these ports on a
-        # private network. The doorbell is ours and token-checked: strangers there cost nothing.
+        # private network. The plan link is ours and token-checked: strangers there cost nothing.
         before = cluster.restarts()
         os.kill(pids[1], signal.SIGKILL)
         ring_stranger = Stranger(ring_ports[0], [os.urandom(64)], max_connections=1, wait=False)
-        doorbell_stranger = Stranger(doorbell, DOORBELL_GARBAGE)
+        link_stranger = Stranger(plan_link, PLAN_LINK_GARBAGE)
         ring_stranger.start()
-        doorbell_stranger.start()
+        link_stranger.start()
         cluster.wait_for(lambda: cluster.restarts() > before, 30, "the supervisor to restart the group")
         cluster.wait_ready(180)
         ring_stranger.stop()
-        doorbell_stranger.stop()
+        link_stranger.stop()
         assert all(pid not in cluster.rank_pids() and not pid_alive(pid) for pid in pids)
         # One restart for the kill, one more for each join a ring stranger broke.
         assert cluster.restarts() - before == 1 + len(ring_stranger.closed)
-        assert all(doorbell_stranger.closed), "the doorbell left a stranger hanging"
-        assert doorbell_rejections(cluster) >= 1, "no stranger ever reached the doorbell in an accept phase"
+        assert all(link_stranger.closed), "the plan link left a stranger hanging"
+        assert plan_link_rejections(cluster) >= 1, "no stranger ever reached the plan link in an accept phase"
 
         # Nothing the strangers sent ran, and the group serves in lock-step: the same greedy text.
         again = cluster.post("/v1/completions", BODY)

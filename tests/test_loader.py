@@ -453,3 +453,24 @@ def test_two_process_ring_logits_match_single_process(model_dirs, tmp_path):
     expected = np.array(single.model(PROMPT))
     for rank in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"logits{rank}.npy"), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "quantized"])
+def test_fused_projections_give_the_same_logits(model_dirs, kind):
+    """Serving fuses q/k/v and gate/up into one matmul each (fewer kernels per step): same numbers."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_cluster.models.fuse import fuse_projections
+
+    plain = load_model_shard(str(model_dirs[kind]), mx.distributed.init()).model
+    fused = load_model_shard(str(model_dirs[kind]), mx.distributed.init()).model
+    assert fuse_projections(fused) == 2 * len(fused.model.layers)
+    layer = fused.model.layers[0]
+    assert "qkv_proj" in layer.self_attn and "gate_up_proj" in layer.mlp
+    assert fuse_projections(fused) == 0  # already fused: nothing left to do
+    outputs = []
+    for model in (plain, fused):
+        cache = make_prompt_cache(model)
+        outputs.append((model(PROMPT, cache=cache), model(mx.array([[7]]), cache=cache)))  # prefill, decode
+    for a, b in zip(*outputs):
+        assert mx.array_equal(a, b).item()

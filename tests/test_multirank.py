@@ -2,6 +2,7 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.cluster import Cluster
@@ -72,3 +73,43 @@ def test_chat_streaming_on_two_ranks(pair):
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     assert stream_text(one) == stream_text(two)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(pair):
+    """The batched sampler: a row's tokens depend on its own seed, not on who shares the batch."""
+    one, two = pair
+    knobs = [
+        {"temperature": 0.9, "top_p": 0.95, "seed": 5},
+        {"temperature": 1.3, "seed": 6},
+        {"temperature": 0.7, "extra_body": {"ignore_eos": True, "top_k": 5, "min_p": 0.05}, "seed": 7},
+        {"temperature": 0, "seed": 8},
+    ]
+
+    def run(cluster, kw):
+        kw = dict(kw)
+        extra = kw.pop("extra_body", {"ignore_eos": True})
+        r = cluster.openai().completions.create(
+            model="builtin:tiny", prompt=PROMPTS[1], max_tokens=20, extra_body=extra, **kw
+        )
+        return r.choices[0].text
+
+    alone = [run(one, kw) for kw in knobs]
+    with ThreadPoolExecutor(len(knobs) * 2) as pool:
+        together = list(pool.map(lambda kw: run(two, kw), knobs * 2))
+    assert together == alone * 2
+
+
+def _metric(cluster, name: str) -> float:
+    for line in httpx.get(cluster.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_the_bus_never_waits_on_the_device_while_decoding(pair):
+    """Plans travel over TCP: decoding hundreds of steps adds plans but no device syncs."""
+    _, two = pair
+    plans = _metric(two, "mlx_cluster_bus_plans_total")
+    complete(two, PROMPTS[0], temperature=0, max_tokens=200)
+    assert _metric(two, "mlx_cluster_bus_plans_total") - plans >= 200
+    assert _metric(two, "mlx_cluster_bus_device_syncs_total") == 0

@@ -8,11 +8,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlx_cluster.engine.decode import RowSampling, _needs_sort, _RowArrays, _sample_plain, _sample_sorted
 from mlx_cluster.engine.executor import TokenOutput
 from mlx_cluster.engine.frontend import DoneEvent, ErrorEvent, Frontend, GenerationRequest, TokenEvent
 from mlx_cluster.engine.output import TextAssembler
 from mlx_cluster.engine.plan import SamplingParams
-from mlx_cluster.engine.sampling import SeededSampler, make_logits_processors, make_sampler, top_logprobs
+from mlx_cluster.engine.sampling import make_logits_processors, top_logprobs
 
 # ---- fakes -------------------------------------------------------------------------------------
 
@@ -236,43 +237,77 @@ def logprobs_row(values) -> mx.array:
 ROW = logprobs_row([2.0, 1.9, 1.8, 1.7, 1.6, 0.0, -1.0, -2.0])
 
 
-def draws(sampler, n: int = 40) -> list[int]:
-    return [sampler(ROW).item() for _ in range(n)]
+def sample_batch(rows: list[SamplingParams], logprobs: mx.array, steps: int) -> list[list[int]]:
+    """`steps` tokens per row from the batched sampler, each step on the same logprobs."""
+    samplings = [RowSampling(p, logprobs.shape[-1]) for p in rows]
+    arrays = _RowArrays.of(samplings)
+    sample = _sample_sorted if _needs_sort(samplings) else _sample_plain
+    out = []
+    for _ in range(steps):
+        a = arrays
+        out.append(sample(logprobs, a.inv_temp, a.greedy, a.top_p, a.top_k, a.min_p, a.seed_lo, a.seed_hi, a.counter))
+        arrays.counter = arrays.counter + 1
+    return mx.stack(out, axis=1).tolist()
 
 
-def test_greedy_needs_no_sampler():
-    assert make_sampler(params(temperature=0.0), 8) is None
-    assert isinstance(make_sampler(params(temperature=0.7), 8), SeededSampler)
+def draws(p: SamplingParams, n: int = 40) -> list[int]:
+    return sample_batch([p], ROW, n)[0]
 
 
-def test_seeded_sampler_is_reproducible_and_seed_dependent():
-    a = draws(SeededSampler(params(seed=42), 8))
-    b = draws(SeededSampler(params(seed=42), 8))
-    c = draws(SeededSampler(params(seed=43), 8))
+def test_batched_sampler_is_reproducible_and_seed_dependent():
+    a, b, c = draws(params(seed=42)), draws(params(seed=42)), draws(params(seed=43))
     assert a == b
     assert a != c
     assert len(set(a)) > 2  # it really samples
+
+
+def test_a_rows_tokens_do_not_depend_on_its_neighbours_or_position():
+    mine = params(seed=7, temperature=0.9, top_p=0.9)
+    alone = sample_batch([mine], ROW, 30)[0]
+    others = [params(seed=s, temperature=t) for s, t in ((1, 0.0), (2, 1.5), (3, 0.3))]
+    batch = mx.repeat(ROW, 4, axis=0)
+    assert sample_batch([*others[:2], mine, others[2]], batch, 30)[2] == alone
+    assert sample_batch([mine, *others], batch, 30)[0] == alone
+
+
+def test_the_batched_sampler_draws_from_the_softmax():
+    n = 4000
+    got = sample_batch([params(seed=11, temperature=1.0)], ROW, n)[0]
+    probs = mx.exp(ROW)[0].tolist()
+    for token, p in enumerate(probs):
+        freq = got.count(token) / n
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (token, freq, p)
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows():
+    batch = mx.repeat(ROW, 2, axis=0)
+    greedy, sampled = sample_batch([params(temperature=0.0), params(seed=3, temperature=1.5)], batch, 40)
+    assert set(greedy) == {0} and len(set(sampled)) > 2
 
 
 @pytest.mark.parametrize("temperature", [1e-20, 1e-40, 1e-300])
 def test_a_vanishing_temperature_is_greedy_not_noise(temperature):
     # 1/T overflowing float32 used to turn the logits into inf/NaN and sample at random.
     for seed in range(3):
-        assert set(draws(SeededSampler(params(seed=seed, temperature=temperature), 8), 20)) == {0}
+        assert set(draws(params(seed=seed, temperature=temperature), 20)) == {0}
 
 
 @pytest.mark.parametrize("knob", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}])
 def test_restrictive_filters_leave_only_the_best_token(knob):
     for seed in range(3):
-        assert set(draws(SeededSampler(params(seed=seed, temperature=2.0, **knob), 8), 20)) == {0}
+        assert set(draws(params(seed=seed, temperature=2.0, **knob), 20)) == {0}
 
 
-def test_top_k_and_top_p_limit_the_candidates():
-    assert set(draws(SeededSampler(params(seed=1, temperature=5.0, top_k=3), 8), 80)) <= {0, 1, 2}
+def test_top_k_top_p_and_min_p_limit_the_candidates():
+    assert set(draws(params(seed=1, temperature=5.0, top_k=3), 80)) <= {0, 1, 2}
     probs = mx.exp(ROW)[0].tolist()
     # The smallest set of best tokens holding 50% of the mass.
     cut = next(i for i in range(8) if sum(probs[: i + 1]) >= 0.5) + 1
-    assert set(draws(SeededSampler(params(seed=2, temperature=5.0, top_p=0.5), 8), 80)) <= set(range(cut))
+    assert set(draws(params(seed=2, temperature=5.0, top_p=0.5), 80)) <= set(range(cut))
+    # min_p: tokens at least 0.5x as likely as the best one (values 2.0 .. 1.4 here).
+    allowed = {t for t, p in enumerate(probs) if p >= 0.5 * probs[0]}
+    got = set(draws(params(seed=3, temperature=5.0, min_p=0.5), 80))
+    assert got <= allowed and len(got) > 1
 
 
 def test_logit_bias_processor():

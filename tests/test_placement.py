@@ -89,3 +89,14 @@ def test_tensor_parallel_size_is_checked_before_anything_starts(tmp_path, tiny_m
     )
     with pytest.raises(ConfigError, match=r"4 KV heads, which 3 ranks cannot split evenly.*\(1, 2, 4\)"):
         Supervisor(cfg, None)._check_model()
+
+
+def test_ring_and_jaccl_are_refused_on_nvidia_gpus_naming_nccl():
+    from mlx_cluster.launcher.placement import backend_device_error
+
+    for backend in ("ring", "jaccl", "jaccl-ring"):
+        error = backend_device_error(backend, world_size=2, cuda_available=True)
+        assert f"cluster.backend: {backend}" in error and "set cluster.backend: nccl" in error
+        assert backend_device_error(backend, world_size=2, cuda_available=False) is None  # Macs, CPUs
+        assert backend_device_error(backend, world_size=1, cuda_available=True) is None  # no collectives
+    assert backend_device_error("nccl", world_size=2, cuda_available=True) is None

@@ -2,7 +2,7 @@
 
     rank 0, admission   plan_sequence(seq)   -> which leading blocks to restore (read-only lookups)
     every rank, apply   pinned(new)          -> those RAM blocks survive this step's drops
-                        restore_batch(new)   -> one all_sum agrees on what every rank can restore
+                        restore_batch(new)   -> one bus round agrees on what every rank can restore
     every rank, step    on_prompt_done(...)  -> store the prompt's blocks once it is prefilled
                         on_sequence_done(...)-> store prompt + generated blocks when it ends
                         clear()              -> when the plan says so (POST /admin/cache/clear)
@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -48,7 +47,7 @@ class CacheStats:
     policy: str
     restores: int = 0  # sequences that restored at least one block
     restored_tokens: int = 0
-    agreements: int = 0  # restore collectives run
+    agreements: int = 0  # restore agreements run (one bus round each)
     shortfall_blocks: int = 0  # planned by rank 0 but not restorable on every rank
     stored_blocks: int = 0
     ram: RamStats = field(default_factory=RamStats)
@@ -85,14 +84,15 @@ class PrefixCache:
         fingerprint: str,
         dtype: str,
         group=None,
-        stream=None,
         ssd_queue_size: int = 4096,
     ):
-        """`config` is a CacheSection; `group`/`stream` are the model's (the one collective runs there)."""
-        self.group = group
+        """`config` is a CacheSection; `group` the model's group (its rank and size name the shard).
+
+        Set `agree_min` to the control bus's agreement before restoring on several ranks.
+        """
         self.rank = group.rank() if group is not None else 0
         self.world_size = group.size() if group is not None else 1
-        self.stream = stream
+        self.agree_min = list  # one rank agrees with itself; rank.py plugs in ControlBus.agree_min
         self.block_size = config.block_size
         self.namespace = Namespace(
             fingerprint, self.world_size, dtype, config.kv_bits, config.kv_group_size, config.block_size
@@ -158,12 +158,12 @@ class PrefixCache:
         """For each sequence, its restored per-layer cache and token count, or None.
 
         Each rank loads the planned blocks it has; then, if any sequence planned a restore, one
-        all_sum of per-rank counts gives every rank the same minimum, and each restores exactly
+        agreement over the control bus gives every rank the same minimum, and each restores exactly
         that many blocks (prefilling the rest), so the ranks' caches stay in step.
         """
         loaded = [self._load_leading(s.restore_blocks) for s in seqs]
         if any(s.restore_blocks for s in seqs):
-            counts = self._agree([len(blocks) for blocks in loaded])
+            counts = self.agree_min([len(blocks) for blocks in loaded])
             self._stats.agreements += 1
         else:
             counts = [0] * len(seqs)
@@ -196,16 +196,6 @@ class PrefixCache:
                 break
             out.append((block_id, block, from_ram))
         return out
-
-    def _agree(self, counts: list[int]) -> list[int]:
-        """The per-sequence minimum of `counts` over all ranks: one all_sum on the model's stream."""
-        if self.group is None or self.world_size == 1:
-            return counts
-        # all_sum works on every backend; each rank fills its own row, so the sum is a gather.
-        rows = np.zeros((self.world_size, len(counts)), dtype=np.int32)
-        rows[self.rank] = counts
-        total = mx.distributed.all_sum(mx.array(rows), group=self.group, stream=self.stream)
-        return np.array(total).min(axis=0).tolist()
 
     # ---- every rank: store ------------------------------------------------------------------
     def on_prompt_done(self, seq: NewSequence, prompt_cache, tokens: Sequence[int]) -> None:

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from mlx_cluster.engine.executor import Executor
 from mlx_cluster.engine.frontend import Frontend
 from mlx_cluster.engine.plan import StepPlan
+from mlx_cluster.engine.trace import StepTrace
 
 log = logging.getLogger(__name__)
+
+# Phases that wait on other ranks (the plan link, restore agreement, the model's all_sums):
+# the watchdog ends the rank when one of them runs past collective_timeout_s.
+WATCHED_PHASES = frozenset({"bus", "apply", "model"})
 
 
 class DivergenceError(RuntimeError):
@@ -34,7 +39,9 @@ class StepTimer:
 
 
 class Engine:
-    def __init__(self, executor: Executor, bus, frontend: Frontend | None, heartbeat_s: float):
+    def __init__(
+        self, executor: Executor, bus, frontend: Frontend | None, heartbeat_s: float, trace: StepTrace | None = None
+    ):
         self.executor = executor
         self.bus = bus
         self.frontend = frontend
@@ -42,34 +49,49 @@ class Engine:
         self.timer = StepTimer()
         self.step_index = 0
         self.idle = True
+        self.trace = trace
+        self._phases: list[tuple[str, float]] = []
 
     def step(self) -> StepPlan:
+        started = time.perf_counter()
+        self._phase("plan")
         plan = None
         if self.frontend is not None:
             plan = self.frontend.next_plan(self.step_index, self.executor.digest)
-        t0 = self._busy("bus")
+        self._phase("bus")
         plan = self.bus.exchange(plan)
         if plan.digest != self.executor.digest:
             raise DivergenceError(
                 f"step {plan.step}: token digest {self.executor.digest:#x} differs from rank 0's {plan.digest:#x}"
             )
+        self._phase("apply")
         self.executor.apply(plan)
-        self._busy("model")
+        self._phase("model")
         outputs = self.executor.step()
-        self.timer.busy_since = 0.0
-        self.timer.phase = "idle"
-        self.timer.last_step_s = time.monotonic() - t0
+        self._phase("emit")
         if self.frontend is not None:
             self.frontend.emit(outputs)
-        self.step_index = plan.step + 1
-        self.idle = plan.idle
+        self._end_step(plan, len(outputs), started)
         return plan
 
-    def _busy(self, phase: str) -> float:
-        now = time.monotonic()
-        self.timer.phase = phase
-        self.timer.busy_since = now
-        return now
+    def _phase(self, name: str) -> None:
+        """Enter a phase: the watchdog watches those that wait on peers; the trace records all."""
+        self.timer.phase = name
+        self.timer.busy_since = time.monotonic() if name in WATCHED_PHASES else 0.0
+        if self.trace is not None:
+            self._phases.append((name, time.perf_counter()))
+
+    def _end_step(self, plan: StepPlan, tokens: int, started: float) -> None:
+        self.timer.phase = "idle"
+        self.timer.busy_since = 0.0
+        now = time.perf_counter()
+        if self.trace is not None:
+            args = {"batch": self.executor.active, "tokens": tokens, "new": len(plan.new), "drop": len(plan.drop)}
+            self.trace.step(plan.step, self._phases, now, args)
+            self._phases = []
+        self.timer.last_step_s = now - started
+        self.step_index = plan.step + 1
+        self.idle = plan.idle
 
     def run(self) -> None:
         """Loop until a shutdown plan has been executed."""
@@ -81,4 +103,6 @@ class Engine:
             plan = self.step()
             if plan.shutdown:
                 log.info("shutdown plan executed at step %d", plan.step)
+                if self.trace is not None:
+                    self.trace.flush()
                 return

@@ -1,9 +1,10 @@
 """Runs a step plan on this rank's model shard with mlx-lm's continuous batcher.
 
 mlx-lm's `BatchGenerator` already does what we need per step: one batched decode for the
-running sequences plus one chunk of batched prefill for joining ones, with per-sequence
-samplers, logits processors, stop tokens and removal. Given the same calls in the same
-order, it does the same thing on every rank; that is the whole lock-step contract.
+running sequences plus one chunk of batched prefill for joining ones, with logits processors,
+stop tokens and removal. Its decode step is ours (`engine/decode.py`): one sampler for the
+whole batch instead of one per sequence. Given the same calls in the same order, it does the
+same thing on every rank; that is the whole lock-step contract.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import zlib
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 
+from mlx_cluster.constrain import sequence_constraint
+from mlx_cluster.engine.decode import Batcher, RowSampling
 from mlx_cluster.engine.plan import NewSequence, StepPlan
-from mlx_cluster.engine.sampling import make_logits_processors, make_sampler, top_logprobs
+from mlx_cluster.engine.sampling import make_logits_processors, top_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Executor:
         prefix_cache=None,
     ):
         self.vocab_size = vocab_size
-        self.generator = BatchGenerator(
+        self.generator = Batcher(
             model,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),
@@ -122,7 +125,7 @@ class Executor:
             max_tokens=[s.params.max_tokens for s in new],
             caches=caches if any(c is not None for c in caches) else None,
             all_tokens=cached_tokens,
-            samplers=[make_sampler(s.params, self.vocab_size) for s in new],
+            samplers=[RowSampling(s.params, self.vocab_size, sequence_constraint(s.grammar)) for s in new],
             logits_processors=[make_logits_processors(s.params, len(s.prompt)) for s in new],
             stop_sequences=[StopSequences([[t] for t in s.params.stop_token_ids] or None) for s in new],
         )

@@ -35,6 +35,7 @@ class GenerationRequest:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
+    grammar: str = ""  # llguidance grammar constraining the output (constrain/grammar.py); "" = free
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TokenEvent:
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]]
     finish_reason: str | None
     ts: float
+    stop_sequence: str | None = None  # the stop string that ended the sequence (Anthropic reports it)
 
 
 @dataclass
@@ -277,7 +279,7 @@ class Frontend:
             if index:
                 # n > 1: independent samples of the same prompt, still reproducible from the seed.
                 params = SamplingParams(**{**params.__dict__, "seed": (params.seed + index) & 0xFFFFFFFFFFFFFFFF})
-            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params)
+            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params, grammar=req.grammar)
             assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
             self._seqs[seq_id] = _Seq(request, index, assembler)
             self._waiting.append(seq)
@@ -337,7 +339,8 @@ class Frontend:
             if finish is not None:
                 seq.finished = True
             logprobs = [(out.token, out.logprob, out.top_logprobs)] if out.logprob is not None else []
-            seq.request.req.deliver(TokenEvent(seq.index, text, [out.token], logprobs, finish, now))
+            matched = seq.assembler.matched if stopped else None
+            seq.request.req.deliver(TokenEvent(seq.index, text, [out.token], logprobs, finish, now, matched))
             if finish is not None:
                 self._finish_seq(out.seq_id, seq)
         self._update_stats()

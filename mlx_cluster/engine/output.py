@@ -17,6 +17,7 @@ class TextAssembler:
         self.text = ""
         self.sent = 0
         self.stopped = False  # a stop string matched; nothing after it is ever released
+        self.matched: str | None = None  # which one
 
     def add(self, token: int) -> tuple[str, bool]:
         """Feed one token; returns (text that may be sent now, whether a stop string matched)."""
@@ -39,9 +40,9 @@ class TextAssembler:
     def _release(self, final: bool) -> tuple[str, bool]:
         if self.stop:
             start = max(0, self.sent - self.hold_chars)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                end = min(hits)
+                end, self.matched = min(hits)
                 delta = self.text[self.sent : end]
                 self.text = self.text[:end]
                 self.sent = end

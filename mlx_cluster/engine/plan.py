@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 # Bounds a decoder enforces before allocating anything.
 MAX_NEW_SEQS = 1024
@@ -20,6 +20,9 @@ MAX_PROMPT_TOKENS = 1 << 20
 MAX_STOP_IDS = 64
 MAX_LOGIT_BIAS = 1024
 MAX_RESTORE_BLOCKS = 1 << 16
+# A compiled llguidance grammar (JSON schemas, tool signatures). Small enough that a plan with
+# the most new sequences a step admits (256) stays far below the bus's 64 MiB frame limit.
+MAX_GRAMMAR_BYTES = 128 << 10
 
 FLAG_IDLE = 1  # the batch is empty: the next plan is announced by the doorbell first
 FLAG_SHUTDOWN = 2  # every rank leaves its loop after this step
@@ -65,6 +68,9 @@ class NewSequence:
     # this prompt to store once it is prefilled. Decided on rank 0 so every rank agrees.
     restore_blocks: tuple[bytes, ...] = ()
     store_blocks: tuple[bytes, ...] = ()
+    # The llguidance grammar that constrains this sequence's output ("" = free). Compiled once on
+    # rank 0; every rank builds its own matcher from the same string, so masks agree everywhere.
+    grammar: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,11 @@ class _Writer:
             self.pack("B", len(v))
             self.parts.append(v)
 
+    def text(self, value: str) -> None:
+        data = value.encode("utf-8")
+        self.pack("I", len(data))
+        self.parts.append(data)
+
 
 class _Reader:
     def __init__(self, data: bytes):
@@ -137,6 +148,13 @@ class _Reader:
             (size,) = self.unpack("B")
             out.append(bytes(self.unpack(f"{size}s")[0]))
         return tuple(out)
+
+    def text(self, limit: int, what: str) -> str:
+        n = self.count("I", limit, what)
+        try:
+            return bytes(self.unpack(f"{n}s")[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise PlanDecodeError(f"plan frame has {what} that are not UTF-8") from None
 
 
 _PARAMS_FMT = "IQfffffffBB"
@@ -198,6 +216,7 @@ def encode_plan(plan: StepPlan) -> bytes:
         _write_params(w, seq.params)
         w.blobs(seq.restore_blocks)
         w.blobs(seq.store_blocks)
+        w.text(seq.grammar)
     w.pack("I", len(plan.drop))
     w.parts.append(struct.pack(f"<{len(plan.drop)}Q", *plan.drop))
     return b"".join(w.parts)
@@ -218,7 +237,8 @@ def decode_plan(data: bytes) -> StepPlan:
         params = _read_params(r)
         restore = r.blobs(MAX_RESTORE_BLOCKS, "blocks to restore")
         store = r.blobs(MAX_RESTORE_BLOCKS, "blocks to store")
-        new.append(NewSequence(seq_id, prompt, params, restore, store))
+        grammar = r.text(MAX_GRAMMAR_BYTES, "grammar bytes")
+        new.append(NewSequence(seq_id, prompt, params, restore, store, grammar))
     n_drop = r.count("I", MAX_DROPS, "dropped sequences")
     drop = r.unpack(f"{n_drop}Q") if n_drop else ()
     if r.pos != len(r.data):

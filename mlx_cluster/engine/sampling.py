@@ -1,43 +1,13 @@
-"""Per-sequence samplers and logits processors built from `SamplingParams`.
+"""Per-sequence logits processors built from `SamplingParams`, and top-logprobs.
 
-Seeded sampling must not depend on who else is in the batch or which rank runs it, so each
-sequence owns its own PRNG key chain (split once per sampled token) instead of sharing MLX's
-global random state. Same seed and same logits give the same token everywhere.
+Sampling itself is batched (engine/decode.py): one graph samples every row of the batch.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from mlx_cluster.engine.plan import SamplingParams
-
-
-class SeededSampler:
-    """Temperature / top-k / top-p / min-p sampling with a private key chain."""
-
-    def __init__(self, params: SamplingParams, vocab_size: int):
-        self.params = params
-        self.top_k = params.top_k if 0 < params.top_k < vocab_size else 0
-        self.key = mx.random.key(params.seed & 0xFFFFFFFFFFFFFFFF)
-        # 1/T overflows float32 below T ~ 3e-39 (inf * 0 = NaN: random tokens); capped, it is argmax.
-        self.inv_temperature = min(1.0 / params.temperature, 1e30)
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        p = self.params
-        if 0.0 < p.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, p.top_p)
-        if p.min_p > 0.0:
-            logprobs = apply_min_p(logprobs, p.min_p)
-        if self.top_k:
-            logprobs = apply_top_k(logprobs, self.top_k)
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * self.inv_temperature, key=sub)
-
-
-def make_sampler(params: SamplingParams, vocab_size: int) -> SeededSampler | None:
-    """None means greedy: the batch then shares one argmax."""
-    return None if params.greedy else SeededSampler(params, vocab_size)
 
 
 def make_logits_processors(params: SamplingParams, prompt_len: int) -> list:

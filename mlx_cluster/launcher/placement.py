@@ -167,3 +167,26 @@ def check_port_free(ip: str, port: int, what: str) -> None:
                 f"{what}: port {port} on {ip} is not available ({e.strerror}); "
                 f"stop what uses it or choose another with --set cluster.base_port=N / server.port=N"
             ) from None
+
+
+def backend_device_error(backend: str, world_size: int, cuda_available: bool) -> str | None:
+    """Why `backend` cannot join ranks on this machine's device, or None when it can.
+
+    ring and JACCL run their collectives on the CPU stream. On an NVIDIA GPU those collectives
+    end up inside MLX's CUDA graph capture and both ranks abort at the first model step
+    (`cudaStreamEndCapture ... failed`, seen with mlx 0.32): refuse it up front instead.
+    """
+    if world_size > 1 and cuda_available and backend in ("ring", "jaccl", "jaccl-ring"):
+        return (
+            f"cluster.backend: {backend} cannot join ranks that run on NVIDIA GPUs (its CPU-side "
+            "collectives break MLX's CUDA graphs); set cluster.backend: nccl"
+        )
+    return None
+
+
+def cuda_available() -> bool:
+    """Whether MLX on this machine runs on CUDA (imports mlx, so only where a check needs it)."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda is not None and cuda.is_available())

@@ -23,7 +23,14 @@ import urllib.request
 
 from mlx_cluster.config import ClusterConfig, ConfigError, dump_config
 from mlx_cluster.launcher.local import LocalRankProcess
-from mlx_cluster.launcher.placement import Placement, check_local_ports, check_port_free, plan_placement
+from mlx_cluster.launcher.placement import (
+    Placement,
+    backend_device_error,
+    check_local_ports,
+    check_port_free,
+    cuda_available,
+    plan_placement,
+)
 from mlx_cluster.launcher.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,10 @@ class Supervisor:
         """Checks that need nothing running: another launcher, busy ports, the HTTP socket."""
         self.run_dir.claim()
         check_local_ports(self.placement)
+        if any(r.is_local for r in self.placement.ranks):
+            error = backend_device_error(self.placement.backend, self.placement.world_size, cuda_available())
+            if error:
+                raise ConfigError(error)
         self._check_model()
         rank0 = self.placement.ranks[0]
         if rank0.is_local:

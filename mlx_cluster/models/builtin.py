@@ -43,7 +43,7 @@ from mlx_cluster.models.tokenizer_train import (
 
 # Bump whenever the bytes written for an existing preset change (weights, tokenizer, configs):
 # it names the cache directory, so old caches are simply left behind instead of reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the chat template opens <think> when enable_thinking is true
 MARKER_FILE = "mlx_cluster_builtin.json"
 BUILTIN_PREFIX = "builtin:"
 SEED_NAMESPACE = "mlx-cluster-builtin"

@@ -30,7 +30,9 @@ EXTRA_TOKENS = ["<tool_call>", "</tool_call>"]
 # ChatML with roles system/user/assistant/tool, content as a string or a list of
 # {"type": "text", "text": ...} parts, optional `tools` (rendered into the system turn) and
 # assistant `tool_calls` in the Hermes <tool_call>{json}</tool_call> format, which mlx-lm's
-# "json_tools" parser (inferred from this template) understands.
+# "json_tools" parser (inferred from this template) understands. `enable_thinking=True` opens a
+# <think> block in the reply (DeepSeek-R1 / Qwen3-thinking style); the markers are plain text
+# here (not vocabulary tokens), so thinking stays off unless a request asks for it.
 CHAT_TEMPLATE = """\
 {%- macro render_content(content) -%}
 {%- if content is string -%}
@@ -81,6 +83,9 @@ CHAT_TEMPLATE = """\
 {%- endfor %}
 {%- if add_generation_prompt %}
 {{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking %}
+{{- '<think>\\n' }}
+{%- endif %}
 {%- endif %}
 """
 

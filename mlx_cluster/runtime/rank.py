@@ -31,7 +31,8 @@ class RankContext:
         self.config = config
         self.rank = rank
         self.world_size = world_size
-        self.doorbell_addr = environ.get("MLX_CLUSTER_DOORBELL", "127.0.0.1:0")
+        # The plan link's address (rank 0 listens there); the variable kept its first name.
+        self.plan_link_addr = environ.get("MLX_CLUSTER_DOORBELL", "127.0.0.1:0")
         self.bus_token = environ.get("MLX_CLUSTER_BUS_TOKEN", "")
         http_fd = environ.get("MLX_CLUSTER_HTTP_FD")
         self.http_fd = int(http_fd) if http_fd else None
@@ -63,8 +64,13 @@ def materialize_files(environ=os.environ) -> None:
 def init_group(ctx: RankContext):
     import mlx.core as mx
 
+    from mlx_cluster.launcher.placement import backend_device_error, cuda_available
+
     if ctx.world_size == 1:
         return mx.distributed.init()
+    error = backend_device_error(ctx.backend, ctx.world_size, cuda_available())
+    if error:  # remote ranks: the launcher could only check its own machine
+        raise RuntimeError(error)
     group = mx.distributed.init(backend=ctx.backend, strict=True)
     if group.size() != ctx.world_size or group.rank() != ctx.rank:
         raise RuntimeError(
@@ -76,18 +82,23 @@ def init_group(ctx: RankContext):
 def build_engine(ctx: RankContext, stream):
     """Load the shard, warm up, connect the bus; returns the Engine (runs on the engine thread).
 
-    The model and the bus must share one stream: collectives on two streams would interleave
-    differently on different ranks, and the ranks would deadlock or read each other's frames.
+    Everything MLX runs on one stream: collectives on two streams could interleave differently
+    on different ranks, and the ranks would deadlock or sum each other's buffers.
     """
     import mlx.core as mx
 
+    from mlx_cluster import constrain
+    from mlx_cluster.agent.formats import marker_token_ids
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
+    from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.fuse import fuse_projections
     from mlx_cluster.models.loader import load_model_shard
-    from mlx_cluster.runtime.bus import ControlBus, Doorbell
+    from mlx_cluster.runtime.bus import ControlBus, PlanLink
     from mlx_cluster.server.generation import Limits
+    from mlx_cluster.server.turn import make_agent_setup
 
     cfg = ctx.config
     t0 = time.monotonic()
@@ -107,7 +118,11 @@ def build_engine(ctx: RankContext, stream):
         time.monotonic() - t0,
         loaded.bytes_read / 1e6,
     )
+    # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
+    # MoE experts and other shapes are left as they are).
+    log.info("fused %d projection groups", fuse_projections(loaded.model))
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
+    constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
     sched = cfg.scheduler
     executor = Executor(
         loaded.model,
@@ -120,14 +135,15 @@ def build_engine(ctx: RankContext, stream):
     warmup(executor, token_id=0)
     executor.stats.__init__()
     # Attached after the warmup so its throwaway sequence stores nothing.
-    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, stream)
+    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group)
 
-    host, _, port = ctx.doorbell_addr.rpartition(":")
-    doorbell = Doorbell(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
-    doorbell.connect()
+    host, _, port = ctx.plan_link_addr.rpartition(":")
+    link = PlanLink(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
+    link.connect()
     sup = cfg.supervisor
-    bus = ControlBus(ctx.group, doorbell, heartbeat_s=sup.heartbeat_s, silence_timeout_s=sup.collective_timeout_s)
-    bus.stream = stream
+    bus = ControlBus(link, silence_timeout_s=sup.collective_timeout_s)
+    if prefix_cache is not None:
+        prefix_cache.agree_min = bus.agree_min
 
     frontend = None
     if ctx.rank == 0:
@@ -142,6 +158,9 @@ def build_engine(ctx: RankContext, stream):
         ctx.frontend = frontend
         state = ctx.state
         state.tokenizer = loaded.tokenizer
+        state.agent = agent = make_agent_setup(cfg.model, loaded.tokenizer, vocab_size)
+        # Tool-call and think markers may be special tokens; the parsers must see them in the text.
+        frontend.hidden_ids -= marker_token_ids(loaded.tokenizer, (agent.tool_format, agent.reasoning))
         state.frontend = frontend
         state.prefix_cache = prefix_cache
         state.bus_stats = bus.stats
@@ -153,22 +172,20 @@ def build_engine(ctx: RankContext, stream):
             max_tokens_cap=sched.max_tokens_cap,
             vocab_size=vocab_size,
         )
-    engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s)
+    engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
     mx.synchronize()
     return engine
 
 
-def make_prefix_cache(cache_cfg, loaded, group, stream):
+def make_prefix_cache(cache_cfg, loaded, group):
     """The prefix cache for this rank's shard, or None when the model's cache cannot be cut into blocks."""
     from mlx_cluster.cache import PrefixCache, kv_dtype, supports_prefix_cache
 
     if not supports_prefix_cache(loaded.model):
         log.warning("prefix caching is off: this model's KV cache is not a plain per-layer KVCache")
         return None
-    return PrefixCache(
-        cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group, stream=stream
-    )
+    return PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
 
 
 def engine_thread_main(ctx: RankContext) -> None:
@@ -196,11 +213,11 @@ def engine_thread_main(ctx: RankContext) -> None:
             engine.executor.close()  # flushes the prefix cache's RAM tier to SSD for the next start
             stats = engine.bus.stats
             log.info(
-                "stopped after %d plans, %d bus collectives (%.2f per plan), %d doorbells, %.1f KB",
+                "stopped after %d plans, %d bus messages, %d device syncs, %d agreements, %.1f KB",
                 stats.plans,
-                stats.collectives,
-                stats.collectives / max(stats.plans, 1),
-                stats.doorbells,
+                stats.messages,
+                stats.device_syncs,
+                stats.agreements,
                 stats.bytes / 1e3,
             )
         if ctx.state is not None:

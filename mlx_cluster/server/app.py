@@ -15,25 +15,37 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_cluster.config import ClusterConfig
 from mlx_cluster.server.auth import check_auth
+from mlx_cluster.server.chat import collect_chat, stream_chat
 from mlx_cluster.server.generation import (
     Choice,
     Limits,
     RequestStream,
-    chat_prompt,
+    check_model,
     chunk,
     completion_prompt,
     echo_chunk,
     full_response,
-    make_request,
     sampling_params,
+    sse,
+    sse_response,
     usage_chunk,
 )
-from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from mlx_cluster.server.messages import CountTokensRequest, MessagesRequest, count_tokens_endpoint, messages_endpoint
+from mlx_cluster.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    anthropic_error_body,
+    parse_request,
+)
+from mlx_cluster.server.response_store import ResponseStore
+from mlx_cluster.server.responses import ResponsesRequest, delete_response, get_response, responses_endpoint
+from mlx_cluster.server.turn import Turn, prepare_turn, run_until_done, submit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,8 @@ class ServerState:
     prefix_cache: object | None = None  # rank 0's PrefixCache (None when caching is off)
     bus_stats: object | None = None
     wedged_after_s: float = 30.0
+    agent: object | None = None  # server/turn.py AgentSetup: tool / reasoning formats, grammar compiler
+    responses: object | None = None  # server/responses.py ResponseStore
 
     @property
     def model_name(self) -> str:
@@ -88,7 +102,7 @@ def _openapi_with_request_models(app: FastAPI):
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatCompletionRequest, CompletionRequest):
+            for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest, ResponsesRequest):
                 defs = model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {})
                 components.update(defs)
         return app.openapi_schema
@@ -96,41 +110,50 @@ def _openapi_with_request_models(app: FastAPI):
     return openapi
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    """OpenAI's error envelope, or Anthropic's on the Messages API routes."""
+    body = anthropic_error_body(err) if path.startswith("/v1/messages") else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="mlx-cluster", version="0.1.0")
     app.state.server = state
+    if state.responses is None:
+        server_cfg = state.config.server
+        state.responses = ResponseStore(server_cfg.responses_store_max, server_cfg.responses_store_ttl_s)
     app.openapi = _openapi_with_request_models(app)
     if state.config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=state.config.server.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
         )
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"][1:]) or None
-        return error_response(APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value"))
+        return error_response(
+            APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value"), request.url.path
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+        code = "not_found" if exc.status_code == 404 else None
+        return error_response(APIError(exc.status_code, message, code=code), request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error in a request handler")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return error_response(err, request.url.path)
 
     @app.middleware("http")
     async def _auth_and_limits(request: Request, call_next):
@@ -139,9 +162,9 @@ def create_app(state: ServerState) -> FastAPI:
         protected |= path == "/metrics" and not state.config.server.open_metrics
         protected |= path in ("/livez", "/readyz", "/health") and not state.config.server.open_probes
         if protected and request.method != "OPTIONS":
-            err = check_auth(request.headers.get("authorization"), state.api_keys)
+            err = check_auth(request.headers.get("authorization"), state.api_keys, request.headers.get("x-api-key"))
             if err is not None:
-                return error_response(err)
+                return error_response(err, path)
         return await call_next(request)
 
     # ---- probes ---------------------------------------------------------------------
@@ -195,6 +218,38 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
+    @app.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def responses(request: Request):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(ResponsesRequest, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return await responses_endpoint(state, request, req)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_stored_response(response_id: str):
+        return get_response(state, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_stored_response(response_id: str):
+        return delete_response(state, response_id)
+
+    @app.post("/v1/messages", openapi_extra=_body_schema(MessagesRequest))
+    async def messages(request: Request):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(MessagesRequest, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return await messages_endpoint(state, request, req)
+
+    @app.post("/v1/messages/count_tokens", openapi_extra=_body_schema(CountTokensRequest))
+    async def count_tokens(request: Request):
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(CountTokensRequest, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return count_tokens_endpoint(state, req)
+
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
         return await generate(request, "completions")
@@ -202,57 +257,25 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(request: Request, kind: str):
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, data)
-        if req.model is not None and req.model != state.model_name:
-            raise APIError(
-                404,
-                f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(req.model, state.model_name)
         check_serving(state)
-        tokenizer = state.tokenizer
-        prompt = (
-            chat_prompt(tokenizer, req)
-            if kind == "chat"
-            else completion_prompt(tokenizer, req, state.limits.vocab_size)
-        )
-        params = sampling_params(req, len(prompt), state.limits, set(tokenizer.eos_token_ids))
-        stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
-        if kind == "completions" and req.echo:
-            stream.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
-        kv_error = state.frontend.kv_admission_error(len(prompt), params.max_tokens, req.n)
-        if kv_error == "too_large":
-            raise APIError(
-                400,
-                f"prompt + max_tokens ({(len(prompt) + params.max_tokens) * req.n} tokens for n={req.n}) "
-                f"exceeds this server's KV budget of {state.config.scheduler.max_kv_tokens} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        if kv_error == "kv_full":
-            raise APIError(
-                503,
-                "the KV cache is full and requests are already waiting for room; retry soon",
-                code="kv_cache_full",
-                headers={"Retry-After": "2"},
-            )
-        if not state.frontend.submit(make_request(stream, prompt, params, req)):
-            raise APIError(
-                429,
-                f"the queue is full ({state.config.scheduler.max_queue} requests wait already); retry soon",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
-        if state.metrics is not None:
-            state.metrics.request_started(len(prompt))
         timeout_s = state.config.server.request_timeout_s
+        stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
+        if kind == "chat":
+            turn = prepare_turn(state, req)
+            submit(state, stream, turn)
+            if req.stream:
+                return sse_response(stream_chat(state, stream, turn, req, timeout_s))
+            return await collect_chat(state, request, stream, turn, timeout_s)
+        tokenizer = state.tokenizer
+        prompt = completion_prompt(tokenizer, req, state.limits.vocab_size)
+        params = sampling_params(req, len(prompt), state.limits, set(tokenizer.eos_token_ids))
+        if req.echo:
+            stream.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt)
+        submit(state, stream, Turn(prompt=prompt, params=params, n=req.n, stop=req.stop_list))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                stream_events(state, stream, req, timeout_s, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return sse_response(stream_events(state, stream, req, timeout_s, include_usage))
         return await collect(state, request, stream, req, timeout_s)
 
     return app
@@ -326,10 +349,6 @@ def health_status(state: ServerState, waiting: int, running: int) -> str:
     return "ok"
 
 
-def sse(obj) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
-
-
 async def stream_events(state: ServerState, stream: RequestStream, req, timeout_s: float, include_usage: bool):
     """SSE body: a role chunk (chat), token chunks, an optional usage chunk, then [DONE].
 
@@ -379,35 +398,6 @@ async def collect(state: ServerState, request: Request, stream: RequestStream, r
             if event.finish_reason is not None:
                 c.finish_reason = event.finish_reason
 
-    consumer = asyncio.create_task(gather())
-    watcher = asyncio.create_task(_watch_disconnect(request))
-    try:
-        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if consumer.done():
-            consumer.result()  # re-raises an APIError from the engine
-    except APIError:
-        if state.metrics is not None:
-            state.metrics.request_finished(stream, "error")
-        raise
-    finally:
-        consumer.cancel()
-        watcher.cancel()
-        if not stream.finished:
-            state.frontend.abort(stream.id)
-            if state.metrics is not None:
-                state.metrics.request_finished(stream, "abort")
-    if not stream.finished:
+    if not await run_until_done(state, request, stream, gather):
         return Response(status_code=499)  # nobody is listening any more
-    if state.metrics is not None:
-        state.metrics.request_finished(stream, "ok")
     return JSONResponse(full_response(stream, state.tokenizer, choices))
-
-
-async def _watch_disconnect(request: Request) -> None:
-    """Return once the client has gone. The body is already read, so the next ASGI message is the
-    disconnect; `request.is_disconnected()` never sees it behind the BaseHTTPMiddleware above."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-        await asyncio.sleep(0.25)  # not expected; never spin

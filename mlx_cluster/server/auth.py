@@ -30,17 +30,22 @@ def load_api_keys(api_key_file: str | None, environ=os.environ) -> tuple[str, ..
     return tuple(keys)
 
 
-def check_auth(header: str | None, keys: tuple[str, ...]) -> APIError | None:
-    """None when allowed. Every key is compared in constant time, so timing reveals nothing."""
+def check_auth(header: str | None, keys: tuple[str, ...], api_key: str | None = None) -> APIError | None:
+    """None when allowed. The key comes as `Authorization: Bearer <key>` (OpenAI clients) or as
+    `x-api-key: <key>` (Anthropic clients). Every key is compared in constant time."""
     if not keys:
         return None
     token = ""
     if header and header[:7].lower() == "bearer ":
         token = header[7:].strip()
+    elif api_key:
+        token = api_key.strip()
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(token.encode(), key.encode())
     if ok:
         return None
-    message = "missing API key: send Authorization: Bearer <key>" if not token else "invalid API key"
+    message = (
+        "missing API key: send Authorization: Bearer <key> or x-api-key: <key>" if not token else "invalid API key"
+    )
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

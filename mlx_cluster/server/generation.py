@@ -5,11 +5,14 @@ back to OpenAI response objects (whole or as stream chunks).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+
+from fastapi.responses import StreamingResponse
 
 from mlx_cluster.engine.frontend import DoneEvent, ErrorEvent, GenerationRequest, TokenEvent
 from mlx_cluster.engine.plan import SamplingParams
@@ -27,26 +30,47 @@ class Limits:
     vocab_size: int
 
 
-def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
-    """Render the chat template and tokenize; template errors are the client's (400)."""
+def chat_text(tokenizer, req: ChatCompletionRequest, tools: list[dict] | None = None) -> str:
+    """Render the chat template (with `tools`, when given) to text; template errors are the client's (400)."""
     try:
         messages = []
         for m in req.messages:
             msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text() or ""}
-            for key in ("name", "tool_calls", "tool_call_id"):
+            for key in ("name", "tool_call_id"):
                 if getattr(m, key) is not None:
                     msg[key] = getattr(m, key)
+            if m.tool_calls:
+                msg["tool_calls"] = [_template_tool_call(c) for c in m.tool_calls]
             messages.append(msg)
     except ValueError as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
     kwargs = dict(req.chat_template_kwargs or {})
-    if req.tools:
-        kwargs["tools"] = req.tools
+    if tools:
+        kwargs["tools"] = tools
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as e:  # a Jinja error caused by this request's messages
         raise APIError(400, f"cannot apply the chat template to these messages: {e}", param="messages") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _template_tool_call(call: dict) -> dict:
+    """Chat templates expect a call's arguments as a mapping (HF convention); clients send the
+    JSON string OpenAI returned. Arguments that are not a JSON object stay as they are."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            return call
+        if isinstance(arguments, dict):
+            return {**call, "function": {**function, "arguments": arguments}}
+    return call
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
+    """Render the chat template (tools included) and tokenize."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    return list(tokenizer.encode(chat_text(tokenizer, req, tools), add_special_tokens=False))
 
 
 def completion_prompt(tokenizer, req: CompletionRequest, vocab_size: int) -> list[int]:
@@ -182,6 +206,28 @@ def make_request(stream: RequestStream, prompt: list[int], params: SamplingParam
     return GenerationRequest(
         request_id=stream.id, prompt=prompt, params=params, deliver=stream.deliver, n=req.n, stop=req.stop_list
     )
+
+
+def check_model(model: str | None, served: str) -> None:
+    """404 for a request naming another model than the one this server serves."""
+    if model is not None and model != served:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def sse_response(body) -> StreamingResponse:
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def sse(obj) -> bytes:
+    """One server-sent event carrying `obj` as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
 def usage(done: DoneEvent) -> dict:

@@ -46,8 +46,14 @@ class Metrics:
         self.bus_plans = Gauge(
             P + "bus_plans_total", "Step plans published or received by this rank.", L + ["rank"], registry=r
         )
-        self.bus_collectives = Gauge(
-            P + "bus_collectives_total", "Control bus collectives run by this rank.", L + ["rank"], registry=r
+        self.bus_messages = Gauge(
+            P + "bus_messages_total", "Frames sent or received on the plan link by this rank.", L + ["rank"], registry=r
+        )
+        self.bus_device_syncs = Gauge(
+            P + "bus_device_syncs_total",
+            "Control bus operations that waited on the device (zero by design: plans travel over TCP).",
+            L + ["rank"],
+            registry=r,
         )
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", L, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", L, registry=r)
@@ -168,7 +174,8 @@ class Metrics:
         bus = getattr(state, "bus_stats", None)
         if bus is not None:
             self.bus_bytes.labels(m, "0").set(bus.bytes)
-            self.bus_collectives.labels(m, "0").set(bus.collectives)
+            self.bus_messages.labels(m, "0").set(bus.messages)
+            self.bus_device_syncs.labels(m, "0").set(bus.device_syncs)
             self.bus_plans.labels(m, "0").set(bus.plans)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -1,0 +1,102 @@
+"""Does a second rank pay? mlx-cluster with 1 rank against N ranks, same model, same run.
+
+    python benchmarks/tp_scaling.py --preset tiny --ranks 2 --concurrency 1 8 --repeats 3 \
+        --out benchmarks/results/tp-scaling-tiny.json
+
+Alternates the two layouts (1, N, 1, N, ...) for each concurrency, so drift on a shared
+machine hits both alike; reports the medians and the ratios N-ranks / 1-rank (TPOT below 1 and
+throughput above 1 mean the extra ranks pay). Reuses compare.py's launcher and load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import bench, start_ours, stop, wait_up  # noqa: E402
+
+KEYS = ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms", "completion_tokens")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--model", default=None, help="model directory (default: make the preset in a temp dir)")
+    p.add_argument("--ranks", type=int, default=2, help="the N to compare against one rank")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="mlxc-tp-"))
+    model = args.model or str(workdir / args.preset)
+    if args.model is None:
+        subprocess.run(
+            [sys.executable, "-m", "mlx_cluster", "make-model", model, "--preset", args.preset],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    layouts = (1, args.ranks)
+    results: dict = {"preset": args.preset, "ranks": args.ranks, "model": model, "runs": []}
+    for concurrency in args.concurrency:
+        for repeat in range(args.repeats):
+            for ranks in layouts:
+                proc, url = start_ours(model, ranks, workdir, args.max_batch)
+                try:
+                    wait_up(url, proc)
+                    r = bench(url, model, concurrency, args)
+                finally:
+                    stop(proc)
+                row = {
+                    "ranks": ranks,
+                    "concurrency": concurrency,
+                    "repeat": repeat,
+                    "output_tok_s": r["output_throughput_tok_s"],
+                    "ttft_p50_ms": r["ttft_ms"]["p50"],
+                    "tpot_p50_ms": r["tpot_ms"]["p50"],
+                    "completion_tokens": r.get("total_output_tokens", 0),
+                    "errors": r["errors"],
+                }
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+    summary = []
+    for concurrency in args.concurrency:
+        med = {
+            ranks: {
+                k: statistics.median(
+                    r[k] for r in results["runs"] if r["ranks"] == ranks and r["concurrency"] == concurrency
+                )
+                for k in KEYS
+            }
+            for ranks in layouts
+        }
+        one, many = med[1], med[args.ranks]
+        summary.append(
+            {
+                "concurrency": concurrency,
+                "one_rank": one,
+                f"{args.ranks}_ranks": many,
+                "tpot_ratio": many["tpot_p50_ms"] / one["tpot_p50_ms"],
+                "throughput_ratio": many["output_tok_s"] / one["output_tok_s"],
+                "ttft_ratio": many["ttft_p50_ms"] / one["ttft_p50_ms"],
+            }
+        )
+    results["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

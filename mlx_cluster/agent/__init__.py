@@ -1,0 +1,1 @@
+"""Agent output handling below every API surface: tool-call formats and parsers, reasoning split."""
