@@ -32,3 +32,13 @@ def server(tmp_path_factory, models_dir):
     )
     with cluster:  # stops it even when a test (or the start) fails
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory, models_dir):
+    """One two-rank ring cluster on loopback shared by a test module (the agent API tests)."""
+    cluster = Cluster(
+        tmp_path_factory.mktemp("cluster2"), ranks=2, models_dir=models_dir, config={"scheduler": {"max_batch_size": 8}}
+    )
+    with cluster:  # stops it even when a test (or the start) fails
+        yield cluster
