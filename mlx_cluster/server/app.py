@@ -214,16 +214,21 @@ def create_app(state: ServerState) -> FastAPI:
         return model_card()
 
     # ---- generation -----------------------------------------------------------------
+    async def accept(request: Request, model_cls):
+        """Every generation route's front door: bounded body, validated, this model, serving."""
+        data = await read_json(request, state.config.server.max_request_bytes)
+        req = parse_request(model_cls, data)
+        check_model(req.model, state.model_name)
+        check_serving(state)
+        return req
+
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
     @app.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
     async def responses(request: Request):
-        data = await read_json(request, state.config.server.max_request_bytes)
-        req = parse_request(ResponsesRequest, data)
-        check_model(req.model, state.model_name)
-        check_serving(state)
+        req = await accept(request, ResponsesRequest)
         return await responses_endpoint(state, request, req)
 
     @app.get("/v1/responses/{response_id}")
@@ -236,18 +241,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/messages", openapi_extra=_body_schema(MessagesRequest))
     async def messages(request: Request):
-        data = await read_json(request, state.config.server.max_request_bytes)
-        req = parse_request(MessagesRequest, data)
-        check_model(req.model, state.model_name)
-        check_serving(state)
+        req = await accept(request, MessagesRequest)
         return await messages_endpoint(state, request, req)
 
     @app.post("/v1/messages/count_tokens", openapi_extra=_body_schema(CountTokensRequest))
     async def count_tokens(request: Request):
-        data = await read_json(request, state.config.server.max_request_bytes)
-        req = parse_request(CountTokensRequest, data)
-        check_model(req.model, state.model_name)
-        check_serving(state)
+        req = await accept(request, CountTokensRequest)
         return count_tokens_endpoint(state, req)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
@@ -255,10 +254,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await generate(request, "completions")
 
     async def generate(request: Request, kind: str):
-        data = await read_json(request, state.config.server.max_request_bytes)
-        req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, data)
-        check_model(req.model, state.model_name)
-        check_serving(state)
+        req = await accept(request, ChatCompletionRequest if kind == "chat" else CompletionRequest)
         timeout_s = state.config.server.request_timeout_s
         stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
         if kind == "chat":
