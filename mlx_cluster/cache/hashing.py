@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Bump when the stored block layout changes: it is part of the namespace and of each SSD file.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: xxh3-128 checksums, files under v<format>/
 DIGEST_BYTES = 16
 
 

@@ -21,6 +21,7 @@ Everything else (prefill, stop conditions, cache extraction) stays mlx-lm's.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -238,6 +239,16 @@ def _needs_sort(rows: list[RowSampling]) -> bool:
 class PromptBatch(PromptProcessingBatch):
     """mlx-lm's prompt batch, handing finished prompts to a DecodeBatch."""
 
+    on_prefill = None  # called with (prompt tokens, seconds) after a prefill that ran alone
+    timed = False  # set by the Batcher: no decode step is in flight, so the time is prefill's alone
+
+    def prompt(self, tokens):
+        if not (self.timed and self.on_prefill is not None and tokens):
+            return super().prompt(tokens)
+        started = time.perf_counter()
+        super().prompt(tokens)  # evaluates every chunk: the time is the device's
+        self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
+
     def generate(self, tokens):
         # mlx-lm's generate(), except for the class of the batch it returns.
         if any(len(t) > 1 for t in tokens):
@@ -271,3 +282,11 @@ class Batcher(BatchGenerator):
         batch = super()._make_batch(n)
         batch.__class__ = PromptBatch  # same fields; only generate() differs
         return batch
+
+    def set_prefill_meter(self, callback) -> None:
+        """Report (tokens, seconds) of prefills that run with no decode step in flight (cost.py)."""
+        self._prompt_batch.on_prefill = callback
+
+    def _next(self):
+        self._prompt_batch.timed = len(self._generation_batch) == 0
+        return super()._next()

@@ -75,6 +75,16 @@ class Executor:
         self.stats = ExecutorStats()
 
     @property
+    def prefix_cache(self):
+        return self._prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, cache) -> None:
+        # The cache's cost model learns this rank's prefill speed from the batcher's prefills.
+        self._prefix_cache = cache
+        self.generator.set_prefill_meter(cache.cost.observe_prefill if cache is not None else None)
+
+    @property
     def active(self) -> int:
         return len(self._seq_to_uid)
 
@@ -83,6 +93,8 @@ class Executor:
         cache = self.prefix_cache
         if cache is not None and plan.clear_cache:
             cache.clear()
+        if cache is not None and plan.prefetch:
+            cache.prefetch(plan.prefetch)  # background reads; nothing here waits for them
         # Dropped sequences store blocks, which may evict: pin what the new ones restore first.
         with cache.pinned(plan.new) if cache is not None else contextlib.nullcontext():
             drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlx_cluster.cache.restore_planner import RestorePlanner
 from mlx_cluster.engine.executor import TokenOutput
 from mlx_cluster.engine.output import TextAssembler
 from mlx_cluster.engine.plan import FLAG_CLEAR_CACHE, NewSequence, SamplingParams, StepPlan
@@ -112,6 +113,10 @@ class Frontend:
         self.max_new_per_step = max_new_per_step
         self.max_queue = max_queue
         self.prefix_cache = prefix_cache
+        # Prefetches a queued request's SSD blocks and holds it while that pays (cache/cost.py).
+        self.restores = RestorePlanner(prefix_cache) if prefix_cache is not None else None
+        if prefix_cache is not None and prefix_cache.ssd is not None:
+            prefix_cache.ssd.on_staged = self._wake_up
         self.hidden_ids = set(getattr(tokenizer, "all_special_ids", []) or []) | set(tokenizer.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -191,6 +196,9 @@ class Frontend:
         self._inbox.put(("clear_cache", done))
         self._wake.set()
 
+    def _wake_up(self) -> None:
+        self._wake.set()
+
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
         self._wake.set()
@@ -199,6 +207,8 @@ class Frontend:
     def wait_for_work(self, timeout_s: float) -> None:
         """Sleep while idle; wakes on a new request, an abort or shutdown."""
         if self._inbox.empty() and not self.shutdown_requested:
+            if self.restores is not None and self.restores.waiting_for_reads:
+                timeout_s = min(timeout_s, 0.02)  # a held request's wait may run out before its reads end
             self._wake.wait(timeout_s)
         self._wake.clear()
 
@@ -208,10 +218,13 @@ class Frontend:
 
     def next_plan(self, step: int, digest: int) -> StepPlan:
         self._drain_inbox()
+        waiting = list(self._waiting)
+        if self.restores is not None:
+            waiting = self._not_held(waiting)
         decision = schedule(
             SchedulerInput(
                 step=step,
-                waiting=list(self._waiting),
+                waiting=waiting,
                 running=frozenset(self._running),
                 drop=frozenset(self._drop),
                 max_batch_size=self.max_batch_size,
@@ -222,8 +235,13 @@ class Frontend:
             )
         )
         now = time.monotonic()
-        for _ in range(decision.admitted):
-            seq = self._waiting.popleft()
+        admitted = waiting[: decision.admitted]
+        if len(admitted) < len(self._waiting):
+            taken = {s.seq_id for s in admitted}
+            self._waiting = deque(s for s in self._waiting if s.seq_id not in taken)
+        else:
+            self._waiting.clear()
+        for seq in admitted:
             self._running.add(seq.seq_id)
             self._reserve(seq)
             state = self._seqs[seq.seq_id]
@@ -237,13 +255,24 @@ class Frontend:
         self._drop.clear()
         self._update_stats()
         plan = decision.plan
-        if self.prefix_cache is not None and plan.new:
-            # Decided at admission, not arrival, so blocks stored while the request queued count.
-            plan = dataclasses.replace(plan, new=tuple(self.prefix_cache.plan_sequence(s) for s in plan.new))
+        if self.restores is not None:
+            # Decided at admission, not arrival, so blocks stored or read while the request queued count.
+            new = tuple(self.restores.admitted(s) for s in plan.new)
+            plan = dataclasses.replace(plan, new=new, prefetch=self.restores.take_hints())
         if self._clear_requested:
             plan = dataclasses.replace(plan, flags=plan.flags | FLAG_CLEAR_CACHE)
             self._clear_published, self._clear_requested = self._clear_requested, []
         return plan
+
+    def _not_held(self, waiting: list[NewSequence]) -> list[NewSequence]:
+        """The first waiting sequences not held back for their SSD reads, as many as one step admits."""
+        out = []
+        for seq in waiting:
+            if len(out) >= self.max_new_per_step:
+                break
+            if not self.restores.held(seq):
+                out.append(seq)
+        return out
 
     def _drain_inbox(self) -> None:
         while True:
@@ -283,6 +312,8 @@ class Frontend:
             assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
             self._seqs[seq_id] = _Seq(request, index, assembler)
             self._waiting.append(seq)
+            if self.restores is not None:
+                self.restores.arrived(seq)
 
     def _abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -296,6 +327,8 @@ class Frontend:
         for seq_id, seq in list(self._seqs.items()):
             if seq.request is request:
                 del self._seqs[seq_id]
+                if self.restores is not None:
+                    self.restores.forget(seq_id)
                 if seq_id in self._running:
                     self._drop.add(seq_id)
         self._waiting = deque(s for s in self._waiting if s.seq_id in self._seqs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4  # 4: prefetch hints for the SSD tier
 
 # Bounds a decoder enforces before allocating anything.
 MAX_NEW_SEQS = 1024
@@ -80,6 +80,9 @@ class StepPlan:
     drop: tuple[int, ...] = ()
     flags: int = 0
     digest: int = 0  # rank 0's running digest of every token sampled before this step
+    # Prefix-cache blocks a queued request will want: each rank starts reading those on its SSD
+    # tier in the background, so they are in memory by the time the request is admitted.
+    prefetch: tuple[bytes, ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -219,6 +222,7 @@ def encode_plan(plan: StepPlan) -> bytes:
         w.text(seq.grammar)
     w.pack("I", len(plan.drop))
     w.parts.append(struct.pack(f"<{len(plan.drop)}Q", *plan.drop))
+    w.blobs(plan.prefetch)
     return b"".join(w.parts)
 
 
@@ -241,6 +245,7 @@ def decode_plan(data: bytes) -> StepPlan:
         new.append(NewSequence(seq_id, prompt, params, restore, store, grammar))
     n_drop = r.count("I", MAX_DROPS, "dropped sequences")
     drop = r.unpack(f"{n_drop}Q") if n_drop else ()
+    prefetch = r.blobs(MAX_RESTORE_BLOCKS, "blocks to prefetch")
     if r.pos != len(r.data):
         raise PlanDecodeError(f"plan frame has {len(r.data) - r.pos} trailing bytes")
-    return StepPlan(step=step, new=tuple(new), drop=tuple(drop), flags=flags, digest=digest)
+    return StepPlan(step=step, new=tuple(new), drop=tuple(drop), flags=flags, digest=digest, prefetch=prefetch)

@@ -185,7 +185,9 @@ def make_prefix_cache(cache_cfg, loaded, group):
     if not supports_prefix_cache(loaded.model):
         log.warning("prefix caching is off: this model's KV cache is not a plain per-layer KVCache")
         return None
-    return PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
+    cache = PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
+    cache.calibrate()
+    return cache
 
 
 def engine_thread_main(ctx: RankContext) -> None:
