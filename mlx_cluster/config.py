@@ -11,10 +11,10 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Backend = Literal["ring", "jaccl", "jaccl-ring", "nccl", "mpi"]
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -141,9 +141,20 @@ class SchedulerSection(_Strict):
     max_kv_tokens: int = Field(65536, ge=256)  # live KV budget: prompt + max_tokens reserved per sequence
 
 
+def _size_gb(value: Any) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError("must be a size in decimal GB (a number >= 0) or auto")
+
+
+SizeGb = Annotated[float | str, BeforeValidator(_size_gb)]
+
+
 class SsdSection(_Strict):
     dir: str = "~/.cache/mlx-cluster/kv"
-    max_gb: float = Field(20, ge=0)
+    max_gb: SizeGb = "auto"  # auto: a share of free disk (cache/sizing.py)
     ttl_days: float = Field(7, gt=0)
     enabled: bool = True
     policy: Literal["write_back", "write_through"] = "write_back"
@@ -151,7 +162,7 @@ class SsdSection(_Strict):
 
 class CacheSection(_Strict):
     block_size: int = Field(16, ge=1, le=4096)
-    ram_gb: float = Field(2, ge=0)
+    ram_gb: SizeGb = "auto"  # auto: a share of free memory (cache/sizing.py)
     kv_bits: Literal[4, 8] | None = None
     kv_group_size: Literal[32, 64, 128] = 64
     ssd: SsdSection = Field(default_factory=SsdSection)
@@ -256,7 +267,7 @@ def _describe(err: dict) -> str:
         return f"unknown key {where!r}: remove it or check its spelling (see docs/configuration.md)"
     if err["type"] == "literal_error":
         return f"{where}: {err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def parse_config(data: Any, source: str = "cluster.yaml") -> ClusterConfig:

@@ -164,3 +164,16 @@ def test_real_run_skips_a_slow_ssd_tier(loaded, tmp_path):
     assert miss.cached_tokens == 0 and miss.tokens == cold.tokens
     assert cache.stats().recomputed_blocks == 6
     cache.close()
+
+
+def test_auto_tier_sizes_are_a_share_of_what_is_free_and_say_how_to_change_them(tmp_path, caplog):
+    from mlx_cluster.cache import sizing
+
+    with caplog.at_level("INFO"):
+        ram = sizing.ram_tier_bytes("auto")
+        ssd = sizing.ssd_tier_bytes("auto", tmp_path / "not-yet" / "kv")
+    free, _ = sizing.available_memory()
+    assert 0 < ram <= free * sizing.RAM_SHARE * 1.05
+    assert 0 < ssd <= min(sizing.free_disk(tmp_path) * sizing.SSD_SHARE * 1.05, sizing.SSD_AUTO_CAP)
+    assert "set cache.ram_gb to change" in caplog.text and "set cache.ssd.max_gb to change" in caplog.text
+    assert sizing.ram_tier_bytes(1.5) == 1_500_000_000 and sizing.ssd_tier_bytes(0, tmp_path) == 0

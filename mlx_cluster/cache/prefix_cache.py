@@ -34,12 +34,11 @@ from mlx_cluster.cache.blocks import Block, BlockCodec
 from mlx_cluster.cache.cost import CostModel, RestoreDecision
 from mlx_cluster.cache.hashing import Namespace, block_hashes, restorable_blocks
 from mlx_cluster.cache.ram import RamStats, RamTier
+from mlx_cluster.cache.sizing import ram_tier_bytes, ssd_tier_bytes
 from mlx_cluster.cache.ssd import SsdStats, SsdTier
 from mlx_cluster.engine.plan import NewSequence
 
 log = logging.getLogger(__name__)
-
-GB = 1_000_000_000  # cache.ram_gb and cache.ssd.max_gb are decimal gigabytes
 
 
 @dataclass
@@ -107,17 +106,18 @@ class PrefixCache:
             fingerprint, self.world_size, dtype, config.kv_bits, config.kv_group_size, config.block_size
         )
         self.codec = BlockCodec(config.block_size, config.kv_bits, config.kv_group_size)
-        self.ram = RamTier(int(config.ram_gb * GB))
+        self.ram = RamTier(ram_tier_bytes(config.ram_gb))
         self.write_through = config.ssd.policy == "write_through"
         self.ssd = None
-        if config.ssd.enabled and config.ssd.max_gb > 0:
+        ssd_bytes = ssd_tier_bytes(config.ssd.max_gb, config.ssd.dir) if config.ssd.enabled else 0
+        if ssd_bytes > 0:
             self.ssd = SsdTier(
                 config.ssd.dir,
                 fingerprint=fingerprint,
                 tp_size=self.world_size,
                 rank=self.rank,
                 metadata={**self.namespace.fields(), "rank": str(self.rank)},
-                max_bytes=int(config.ssd.max_gb * GB),
+                max_bytes=ssd_bytes,
                 ttl_s=config.ssd.ttl_days * 86400,
                 max_pending_writes=ssd_queue_size,
             )
