@@ -163,6 +163,7 @@ def test_real_run_skips_a_slow_ssd_tier(loaded, tmp_path):
     [miss] = generate(ex, [PROMPT], 4)
     assert miss.cached_tokens == 0 and miss.tokens == cold.tokens
     assert cache.stats().recomputed_blocks == 6
+    assert cache.stats().ssd.prefetched == 0  # not even read: it would only take CPU from the engine
     cache.close()
 
 
@@ -177,3 +178,9 @@ def test_auto_tier_sizes_are_a_share_of_what_is_free_and_say_how_to_change_them(
     assert 0 < ssd <= min(sizing.free_disk(tmp_path) * sizing.SSD_SHARE * 1.05, sizing.SSD_AUTO_CAP)
     assert "set cache.ram_gb to change" in caplog.text and "set cache.ssd.max_gb to change" in caplog.text
     assert sizing.ram_tier_bytes(1.5) == 1_500_000_000 and sizing.ssd_tier_bytes(0, tmp_path) == 0
+
+
+def test_reads_that_lose_to_prefill_are_not_even_started_except_to_remeasure():
+    assert model(prefill_s_per_token=33e-6, read_s_per_byte=1e-9).reads_pay() is False
+    assert model(prefill_s_per_token=1e-3, read_s_per_byte=1e-9).reads_pay() is True
+    assert model(prefill_s_per_token=1e-3).reads_pay() is None

@@ -76,6 +76,13 @@ class CostModel:
         return None if r is None else r * (nbytes if nbytes is not None else self.block_bytes)
 
     # ---- decisions ---------------------------------------------------------------------
+    def reads_pay(self) -> bool | None:
+        """Whether reading a block from SSD beats prefilling it (None: not measured yet)."""
+        prefill, read = self.prefill_block_s(), self.read_block_s()
+        if prefill is None or read is None:
+            return None
+        return read + self.memory_block_s() < prefill
+
     def plan(self, where: list[str], sizes: list[int] | None = None) -> RestoreDecision:
         """Given where each leading block of a prompt is on this rank ("memory": RAM tier or
         already prefetched; "reading": prefetch in flight), how many to restore now and how long

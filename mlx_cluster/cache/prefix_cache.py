@@ -40,6 +40,8 @@ from mlx_cluster.engine.plan import NewSequence
 
 log = logging.getLogger(__name__)
 
+REMEASURE_EVERY = 32  # while SSD reads lose to prefill, still read one lookup in this many
+
 
 @dataclass
 class CacheStats:
@@ -128,6 +130,7 @@ class PrefixCache:
         if self.ssd is not None:
             self.cost.ssd_read = self.ssd.read_cost
         self._raw_per_stored = 1.0  # measured on the first block: how much quantization shrinks one
+        self._lookups = 0  # lookups that found SSD blocks (every REMEASURE_EVERY-th reads them anyway)
         self._closed = False
 
     # ---- rank 0: planning (read-only, but lookups start SSD prefetches) ---------------------
@@ -136,8 +139,10 @@ class PrefixCache:
         return block_hashes(self.namespace, prompt, restorable_blocks(len(prompt), self.block_size))
 
     def lookup(self, ids: Sequence[bytes]) -> list[bytes]:
-        """Of the leading blocks this rank has (RAM or SSD), those that must come from the SSD
-        tier; their reads start now, in the background."""
+        """Of the leading blocks this rank has (RAM or SSD), those to read from the SSD tier;
+        their reads start now, in the background. None are read when reading is measured to
+        cost more than prefilling (the reads would only take CPU and disk from the engine),
+        except now and then, to notice a disk that got faster (e.g. files now in page cache)."""
         on_disk = []
         for block_id in ids:
             if self.ram.contains(block_id):
@@ -145,8 +150,12 @@ class PrefixCache:
             if self.ssd is None or not self.ssd.contains(block_id):
                 break
             on_disk.append(block_id)
-        if on_disk:
-            self.ssd.prefetch(on_disk)
+        if not on_disk:
+            return []
+        self._lookups += 1
+        if self.cost.reads_pay() is False and self._lookups % REMEASURE_EVERY:
+            return []
+        self.ssd.prefetch(on_disk)
         return on_disk
 
     def decide(self, ids: Sequence[bytes]) -> RestoreDecision:
