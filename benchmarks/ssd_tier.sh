@@ -7,7 +7,8 @@
 #   warm    the same SSD directory, restarted    every prefix is an SSD hit (RAM empty)
 #   long    SSD off, LONG-token prompts          cold, then the same prompts again (RAM hits)
 # Usage (CPU or GPU):  bash benchmarks/ssd_tier.sh [PRESET] [OUT_DIR]
-# Env: RANKS (1), INPUT (512), OUTPUT (128), N1 (8), N32 (96), LONG (8192), BACKEND (ring).
+# Env: RANKS (1), INPUT (512), OUTPUT (128), N1 (8), N32 (96), LONG (8192), BACKEND (ring),
+# SSD_GB (auto; give room for every prompt's blocks, or the warm run is partly cold).
 set -uo pipefail
 preset=${1:-8b}
 out=${2:-/tmp/ssd-tier}
@@ -42,7 +43,7 @@ hosts: [{host: localhost, ranks: $ranks}]
 model: {path: $model, name: m}
 server: {port: 8111}
 scheduler: {max_batch_size: 32, max_prompt_tokens: $3, max_kv_tokens: 600000}
-cache: {ssd: {enabled: $2, dir: $out/kv, policy: write_through}}
+cache: {ssd: {enabled: $2, dir: $out/kv, policy: write_through, max_gb: ${SSD_GB:-auto}}}
 YAML
   setsid $py -m mlx_cluster up "$out/$1.yaml" > "$out/$1.log" 2>&1 &
   pid=$!

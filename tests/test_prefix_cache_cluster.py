@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_cluster.cache.hashing import block_hash, restorable_blocks
+from mlx_cluster.cache.hashing import FORMAT_VERSION, block_hash, restorable_blocks
 from tests.cluster import Cluster
 from tests.test_agent_chat import TOOLS
 
@@ -109,7 +109,7 @@ def test_other_tp_size_gets_no_hits(tmp_path, models_dir):
         one, usage = ask(cluster, "Isolation?")
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0
         assert one == two
-    assert sorted(p.name for p in next(kv.iterdir()).iterdir()) == ["tp1", "tp2"]
+    assert sorted(p.name for p in next((kv / f"v{FORMAT_VERSION}").iterdir()).iterdir()) == ["tp1", "tp2"]
     shutil.rmtree(kv)
     assert not Path(kv).exists()
 

@@ -35,8 +35,8 @@ def available_memory() -> tuple[int, str]:
     used = mx.get_active_memory()
     if "max_recommended_working_set_size" in info:  # Apple silicon: what Metal lets one process use
         return max(0, info["max_recommended_working_set_size"] - used), "Metal working set"
-    if "memory_size" in info and mx.default_device() == mx.gpu:  # CUDA: the GPU's own memory
-        return max(0, info["memory_size"] - used), "GPU memory"
+    if "total_memory" in info and mx.default_device() == mx.gpu:  # CUDA: the GPU's own memory
+        return max(0, info["total_memory"] - used), "GPU memory"
     return _available_ram(), "available RAM"
 
 
