@@ -151,14 +151,20 @@ def test_concurrent_request_reuses_a_prompt_still_generating(loaded, tmp_path):
     ex.prefix_cache.close()
 
 
-def test_damaged_ssd_block_restores_fewer_tokens_and_says_so(loaded, baseline, tmp_path):
+def on_ssd_only(loaded, tmp_path):
+    """An executor that has PROMPT's blocks on its SSD tier only; and their ids."""
     ex = make_executor(loaded, cache_config(tmp_path, block_size=BS, ssd={"policy": "write_through"}))
-    cache = ex.prefix_cache
     generate(ex, [PROMPT], MAX_TOKENS)
-    assert cache.ssd.flush(10)
-    cache.ram.clear()
-    ids = cache.block_ids(PROMPT)
-    assert len(ids) == 6 and all(cache.ssd.contains(b) for b in ids)
+    assert ex.prefix_cache.ssd.flush(10)
+    ex.prefix_cache.ram.clear()
+    ids = ex.prefix_cache.block_ids(PROMPT)
+    assert len(ids) == 6 and all(ex.prefix_cache.ssd.contains(b) for b in ids)
+    return ex, ids
+
+
+def test_damaged_ssd_block_restores_fewer_tokens_and_says_so(loaded, baseline, tmp_path):
+    ex, ids = on_ssd_only(loaded, tmp_path)
+    cache = ex.prefix_cache
     victim = cache.ssd._path(ids[3])
     victim.write_bytes(victim.read_bytes()[:100])
     # The prefetch finds the damage: the chain ends before it, and the rest is prefilled.
@@ -169,13 +175,9 @@ def test_damaged_ssd_block_restores_fewer_tokens_and_says_so(loaded, baseline, t
     cache.close()
 
 
-def test_a_block_still_being_read_is_prefilled_not_waited_for(loaded, baseline, tmp_path):
-    ex = make_executor(loaded, cache_config(tmp_path, block_size=BS, ssd={"policy": "write_through"}))
+def test_a_block_still_being_read_is_prefilled_not_waited_for(loaded, tmp_path):
+    ex, ids = on_ssd_only(loaded, tmp_path)
     cache = ex.prefix_cache
-    generate(ex, [PROMPT], MAX_TOKENS)
-    assert cache.ssd.flush(10)
-    cache.ram.clear()
-    ids = cache.block_ids(PROMPT)
     # Planned as if every block were in memory, but none was prefetched: restore_batch must not
     # read the disk on the engine thread, so nothing is restored and the answer is the same.
     seq = dataclasses.replace(new_sequences(ex, [PROMPT[:1]], MAX_TOKENS)[0], prompt=tuple(PROMPT))
