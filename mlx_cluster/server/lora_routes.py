@@ -23,15 +23,16 @@ from mlx_cluster.server.protocol import APIError, parse_request
 ADAPTER_TIMEOUT_S = 300.0
 
 
-class LoadLoraAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/-]+$")
-    lora_path: str = Field(min_length=1, max_length=4096)
-
-
 class UnloadLoraAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    lora_name: str = Field(min_length=1, max_length=128)
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/-]+$")
+
+    def unknown_fields(self) -> list[str]:  # parse_request logs these; vLLM's other fields are ignored
+        return []
+
+
+class LoadLoraAdapterRequest(UnloadLoraAdapterRequest):
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
 def served_names(state) -> list[str]:
