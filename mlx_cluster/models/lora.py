@@ -250,9 +250,12 @@ class LoRAProjection(nn.Module):
         mx.eval(self.lora_a, self.lora_b, self.lora_scale)
 
     def _lora(self, x: mx.array, index: mx.array) -> mx.array:
-        # x: (rows, tokens, in); every row its own A and B (a gather, then batched matmuls).
-        z = (x @ self["lora_a"][index]) @ self["lora_b"][index]
-        return (self["lora_scale"][index][:, None, None] * z).astype(x.dtype)
+        # x: (rows, tokens, in); each row times its own slot's A, then B. gather_mm picks the
+        # matrices by index without copying them out per row (as MoE experts are applied).
+        z = mx.gather_mm(x, self["lora_a"], rhs_indices=index)
+        z = mx.gather_mm(z, self["lora_b"], rhs_indices=index)
+        scale = self["lora_scale"][index].astype(z.dtype)  # mlx-lm: python scale * z, z's dtype
+        return (scale[:, None, None] * z).astype(x.dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
         index = self._rows.index
