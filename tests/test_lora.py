@@ -82,6 +82,15 @@ def make_adapter(model_dir: Path, out: Path, seed: int, rank: int, scale: float,
     return out
 
 
+def misfit_adapter(out: Path, module: str, a_shape: tuple, b_shape: tuple) -> Path:
+    """An adapter directory with one layer's lora_a / lora_b of the given shapes."""
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"scale": 1}}))
+    weights = {f"{module}.lora_a": mx.zeros(a_shape), f"{module}.lora_b": mx.zeros(b_shape)}
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    return out
+
+
 @pytest.fixture(scope="module")
 def prompt(tiny_model_path) -> list[int]:
     from mlx_lm.utils import load_tokenizer
@@ -178,16 +187,7 @@ def test_adapter_errors_name_the_numbers(checkpoints, adapters, tmp_path):
     layouts = linear_layouts(loaded.model, group, loaded.shard_specs)
     with pytest.raises(AdapterError, match="does not exist"):
         read_adapter(tmp_path / "nowhere", layouts)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"scale": 1}}))
-    mx.save_safetensors(
-        str(bad / "adapters.safetensors"),
-        {
-            "model.layers.0.mlp.up_proj.lora_a": mx.zeros((96, 4)),
-            "model.layers.0.mlp.up_proj.lora_b": mx.zeros((4, 256)),
-        },
-    )
+    bad = misfit_adapter(tmp_path / "bad", "model.layers.0.mlp.up_proj", (96, 4), (4, 256))
     with pytest.raises(AdapterError, match=r"lora_a is \(96, 4\).*needs \(128, r\) and \(r, 256\)"):
         read_adapter(bad, layouts)
     (bad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "dora"}))
@@ -287,7 +287,7 @@ def test_load_and_unload_under_traffic(cluster, adapters, references, prompt, to
     started, finish = threading.Event(), []
 
     def stream_long():
-        body = {"model": "ad1b", "prompt": prompt, "max_tokens": 300, "temperature": 0, "stream": True}
+        body = {"model": "ad1b", "prompt": prompt, "max_tokens": 120, "temperature": 0, "stream": True}
         with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 started.set()
@@ -300,7 +300,7 @@ def test_load_and_unload_under_traffic(cluster, adapters, references, prompt, to
     r = cluster.post("/v1/unload_lora_adapter", {"lora_name": "ad1b"})
     assert r.status_code == 200, r.text
     runner.join()
-    assert len(finish) == 300 and finish[-1] == "length", "the running request was not cut off"
+    assert len(finish) == 120 and finish[-1] == "length", "the running request was not cut off"
     gone = _complete(cluster, "ad1b", prompt)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert "ad1b" not in [m["id"] for m in httpx.get(cluster.url + "/v1/models").json()["data"]]
@@ -324,16 +324,7 @@ def test_bad_input_gets_error_envelopes(cluster, adapters, checkpoints, tmp_path
     assert r.status_code == 404 and r.json()["error"]["type"]
 
     # Shapes that do not fit the model: every rank refuses it, the same step, with the numbers.
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"scale": 1}}))
-    mx.save_safetensors(
-        str(bad / "adapters.safetensors"),
-        {
-            "model.layers.1.mlp.down_proj.lora_a": mx.zeros((200, 4)),
-            "model.layers.1.mlp.down_proj.lora_b": mx.zeros((4, 128)),
-        },
-    )
+    bad = misfit_adapter(tmp_path / "bad", "model.layers.1.mlp.down_proj", (200, 4), (4, 128))
     r = cluster.post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)})
     assert r.status_code == 400, r.text
     assert "lora_a is (200, 4)" in r.json()["error"]["message"] and "(256, r)" in r.json()["error"]["message"]

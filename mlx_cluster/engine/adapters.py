@@ -153,6 +153,12 @@ class AdapterScheduler:
         self._pending = waiting
         return tuple(ops)
 
+    def fail_all(self, message: str) -> None:
+        """The engine stopped: answer every load or unload still waiting."""
+        for request in [*self._pending, *(r for r, _ in self._published.values())]:
+            request.done(message)
+        self._pending, self._published = [], {}
+
     def applied(self, results: dict[int, str | None]) -> None:
         """Rank 0 ran the published operations: answer their requests."""
         reg = self.registry

@@ -401,6 +401,8 @@ class Frontend:
         self._running.clear()
         self._kv_need.clear()
         self._kv_reserved = 0
+        if self.adapter_scheduler is not None:
+            self.adapter_scheduler.fail_all(message)
 
     def _update_stats(self) -> None:
         s = self.stats

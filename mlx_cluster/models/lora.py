@@ -45,6 +45,7 @@ from mlx.nn.layers.distributed import (
 )
 from mlx.utils import tree_unflatten
 
+from mlx_cluster.models.fuse import quantized_matmul
 from mlx_cluster.models.loader import ShardSpec, shard_ranges
 
 CONFIG_FILE = "adapter_config.json"
@@ -265,19 +266,7 @@ class LoRAProjection(nn.Module):
             return self.base(x) + self._lora(x, index)
         # Row-parallel: the base layer's own math, with the LoRA partial added before its all_sum.
         base = self.base
-        if isinstance(base, QuantizedShardedToAllLinear):
-            y = mx.quantized_matmul(
-                x,
-                base["weight"],
-                scales=base["scales"],
-                biases=base.get("biases"),
-                transpose=True,
-                group_size=base.group_size,
-                bits=base.bits,
-                mode=base.mode,
-            )
-        else:
-            y = x @ base["weight"].T
+        y = quantized_matmul(x, base) if isinstance(base, QuantizedShardedToAllLinear) else x @ base["weight"].T
         y = mx.distributed.all_sum(y + self._lora(x, index), group=base.group)
         return y + base["bias"] if "bias" in base else y
 

@@ -90,6 +90,12 @@ def _check_adapter_dir(path: str) -> None:
         raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
 
 
+def _body(model) -> dict:
+    """/openapi.json: the handlers read the body themselves (size cap, 400 not 422)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def lora_router(state) -> APIRouter:
     from mlx_cluster.server.app import check_serving, read_json
 
@@ -116,7 +122,7 @@ def lora_router(state) -> APIRouter:
             status = 404 if error.startswith("no LoRA adapter") else 400
             raise APIError(status, error, param="lora_name" if status == 404 else "lora_path", code="invalid_adapter")
 
-    @router.post("/v1/load_lora_adapter")
+    @router.post("/v1/load_lora_adapter", openapi_extra=_body(LoadLoraAdapterRequest))
     async def load_lora_adapter(request: Request):
         req = parse_request(LoadLoraAdapterRequest, await read_json(request, state.config.server.max_request_bytes))
         if req.lora_name == state.model_name:
@@ -125,7 +131,7 @@ def lora_router(state) -> APIRouter:
         await run(req.lora_name, req.lora_path)
         return {"object": "lora_adapter", "id": req.lora_name, "loaded": True, "ranks": state.world_size}
 
-    @router.post("/v1/unload_lora_adapter")
+    @router.post("/v1/unload_lora_adapter", openapi_extra=_body(UnloadLoraAdapterRequest))
     async def unload_lora_adapter(request: Request):
         req = parse_request(UnloadLoraAdapterRequest, await read_json(request, state.config.server.max_request_bytes))
         await run(req.lora_name, "")
