@@ -330,3 +330,51 @@ def test_bad_input_gets_error_envelopes(cluster, adapters, checkpoints, tmp_path
     assert "lora_a is (200, 4)" in r.json()["error"]["message"] and "(256, r)" in r.json()["error"]["message"]
     assert _complete(cluster, "bad", [1, 2, 3]).status_code == 404
     assert _complete(cluster, "ad2", [1, 2, 3], 2).status_code == 200, "the cluster serves on"
+
+
+# ---------------------------------------------------------------------------
+# Units: the plan carries adapters; rank 0 defers an unload while its slot runs
+# ---------------------------------------------------------------------------
+
+
+def test_plan_carries_adapter_slots_and_operations():
+    from mlx_cluster.engine.plan import (
+        MAX_ADAPTER_PATH_BYTES,
+        AdapterOp,
+        NewSequence,
+        PlanDecodeError,
+        SamplingParams,
+        StepPlan,
+        decode_plan,
+        encode_plan,
+    )
+
+    seq = NewSequence(3, (1, 2), SamplingParams(max_tokens=4, seed=1), adapter=5)
+    plan = StepPlan(step=9, new=(seq,), drop=(7,), adapters=(AdapterOp(5, "/a/caf\u00e9"), AdapterOp(2)))
+    assert decode_plan(encode_plan(plan)) == plan
+    with pytest.raises(PlanDecodeError, match="adapter path bytes"):
+        decode_plan(encode_plan(StepPlan(step=1, adapters=(AdapterOp(1, "x" * (MAX_ADAPTER_PATH_BYTES + 1)),))))
+
+
+def test_unload_waits_for_the_slot_to_be_free():
+    from mlx_cluster.engine.adapters import AdapterRegistry, AdapterRequest, AdapterScheduler
+    from mlx_cluster.engine.plan import AdapterOp
+
+    registry = AdapterRegistry(max_adapters=2, default_slot=1)
+    scheduler, answers = AdapterScheduler(registry), []
+    scheduler.add(AdapterRequest("a", "/a", answers.append))
+    assert scheduler.next_ops(set()) == (AdapterOp(2, "/a"),)  # slot 1 is model.adapter_path's
+    assert registry.slot_of("a") is None, "not served before every rank has it"
+    scheduler.applied({2: None})
+    assert registry.slot_of("a") == 2 and answers == [None]
+
+    scheduler.add(AdapterRequest("b", "/b", answers.append))
+    assert answers[-1] == "all 2 adapter slots are in use (model.max_adapters); unload one first"
+    scheduler.add(AdapterRequest("a", "", answers.append))
+    assert registry.slot_of("a") is None, "new requests stop at once"
+    assert scheduler.next_ops({2}) == (), "a running row still uses slot 2"
+    assert scheduler.next_ops(set()) == (AdapterOp(2, ""),)
+    scheduler.applied({2: None})
+    assert "a" not in registry.by_name and answers[-1] is None
+    scheduler.add(AdapterRequest("a", "", answers.append))
+    assert answers[-1] == "no LoRA adapter named 'a' is loaded"

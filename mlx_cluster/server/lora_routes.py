@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_cluster.engine.adapters import AdapterRequest
+from mlx_cluster.engine.plan import MAX_ADAPTER_PATH_BYTES
 from mlx_cluster.models.lora import AdapterError, read_adapter_config
 from mlx_cluster.server.protocol import APIError, parse_request
 
@@ -84,10 +85,14 @@ def adapter_cards(state) -> list[dict]:
 
 def _check_adapter_dir(path: str) -> None:
     """Fail fast, on rank 0, for what every rank would fail on anyway (shapes are checked per rank)."""
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_ADAPTER_PATH_BYTES:  # the plan codec's bound
+        raise APIError(400, f"lora_path is longer than {MAX_ADAPTER_PATH_BYTES} bytes", param="lora_path")
     try:
         read_adapter_config(Path(path).expanduser())
     except AdapterError as e:
         raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, an unknown ~user, ...
+        raise APIError(400, f"lora_path is not a usable path: {e}", param="lora_path", code="invalid_adapter") from None
 
 
 def _body(model) -> dict:
