@@ -85,6 +85,7 @@ class ModelSection(_Strict):
     name: str | None = None  # the id clients send as "model"; defaults to path
     builtin_dir: str = "~/.cache/mlx-cluster/models"
     trust_remote_code: bool = False
+    max_adapters: int = Field(8, ge=0, le=256)  # LoRA adapter slots (adapter_path, adapters:, runtime loads)
     tool_parser: str = "auto"  # auto | none | an mlx-lm tool parser (json_tools/hermes, mistral, ...)
     reasoning_parser: str = "auto"  # auto | none | think | qwen3 | deepseek_r1
 
@@ -179,6 +180,13 @@ class SupervisorSection(_Strict):
     startup_timeout_s: float = Field(600, gt=0)
 
 
+class AdapterEntry(_Strict):
+    """A LoRA adapter served under its own name (requests choose it with "model")."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")
+    path: str
+
+
 class ClusterConfig(_Strict):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     hosts: list[HostSection] | None = None
@@ -189,6 +197,21 @@ class ClusterConfig(_Strict):
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     cache: CacheSection = Field(default_factory=CacheSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> ClusterConfig:
+        names = [a.name for a in self.adapters]
+        for name in names:
+            if name == self.model.served_name or names.count(name) > 1:
+                raise ValueError(f"adapters: the name {name!r} is used twice (adapters and model.name must differ)")
+        slots = len(self.adapters) + (self.model.adapter_path is not None)
+        if slots > self.model.max_adapters:
+            raise ValueError(
+                f"adapters: {slots} adapters need {slots} slots but model.max_adapters is {self.model.max_adapters}; "
+                "raise model.max_adapters"
+            )
+        return self
 
     @model_validator(mode="after")
     def _hosts_or_hostfile(self) -> ClusterConfig:

@@ -73,7 +73,7 @@ class FakeCache:
         self.done = False
         self.held = 0
 
-    def block_ids(self, prompt):
+    def block_ids(self, prompt, adapter=0):
         return [b"a", b"b", b"c"]
 
     def lookup(self, ids):

@@ -32,7 +32,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_cluster.cache.blocks import Block, BlockCodec
 from mlx_cluster.cache.cost import CostModel, RestoreDecision
-from mlx_cluster.cache.hashing import Namespace, block_hashes, restorable_blocks
+from mlx_cluster.cache.hashing import Namespace, adapter_root, block_hashes, restorable_blocks
 from mlx_cluster.cache.ram import RamStats, RamTier
 from mlx_cluster.cache.sizing import ram_tier_bytes, ssd_tier_bytes
 from mlx_cluster.cache.ssd import SsdStats, SsdTier
@@ -132,11 +132,27 @@ class PrefixCache:
         self._raw_per_stored = 1.0  # measured on the first block: how much quantization shrinks one
         self._lookups = 0  # lookups that found SSD blocks (every REMEASURE_EVERY-th reads them anyway)
         self._closed = False
+        self._adapter_roots: dict[int, bytes] = {}  # LoRA slot -> chain root (hashing.adapter_root)
+
+    # ---- LoRA adapters: their blocks hash under their own root -----------------------------
+    def set_adapter(self, slot: int, fingerprint: str | None) -> None:
+        """Slot `slot` now runs the adapter with this content fingerprint (None: no adapter)."""
+        if fingerprint is None:
+            self._adapter_roots.pop(slot, None)
+        else:
+            self._adapter_roots[slot] = adapter_root(self.namespace, fingerprint)
+
+    def _root(self, adapter: int) -> bytes | None:
+        return self._adapter_roots.get(adapter) if adapter else None
 
     # ---- rank 0: planning (read-only, but lookups start SSD prefetches) ---------------------
-    def block_ids(self, prompt: Sequence[int]) -> list[bytes]:
-        """Ids of the prompt's blocks a restore could cover (the last token is always prefilled)."""
-        return block_hashes(self.namespace, prompt, restorable_blocks(len(prompt), self.block_size))
+    def block_ids(self, prompt: Sequence[int], adapter: int = 0) -> list[bytes]:
+        """Ids of the prompt's blocks a restore could cover (the last token is always prefilled),
+        under the LoRA adapter's own root; none for an adapter without one (never the base's)."""
+        if adapter and adapter not in self._adapter_roots:
+            return []
+        max_blocks = restorable_blocks(len(prompt), self.block_size)
+        return block_hashes(self.namespace, prompt, max_blocks, self._root(adapter))
 
     def lookup(self, ids: Sequence[bytes]) -> list[bytes]:
         """Of the leading blocks this rank has (RAM or SSD), those to read from the SSD tier;
@@ -176,7 +192,7 @@ class PrefixCache:
     def plan_sequence(self, seq: NewSequence, ids: Sequence[bytes] | None = None) -> NewSequence:
         """Fill `restore_blocks` with the leading cached blocks worth restoring now."""
         if ids is None:
-            ids = self.block_ids(seq.prompt)
+            ids = self.block_ids(seq.prompt, seq.adapter)
         n = self.decide(ids).blocks if ids else 0
         cached = 0
         while cached < len(ids) and self._has(ids[cached]):
@@ -199,10 +215,10 @@ class PrefixCache:
         """Tokens rank 0 plans to restore (the executor reports what was actually restored)."""
         return len(seq.restore_blocks) * self.block_size
 
-    def cached_prefix_tokens(self, prompt: Sequence[int]) -> int:
+    def cached_prefix_tokens(self, prompt: Sequence[int], adapter: int = 0) -> int:
         """How many leading tokens of `prompt` are cached now, counting full blocks (read-only)."""
         n = 0
-        for block_id in block_hashes(self.namespace, prompt):
+        for block_id in block_hashes(self.namespace, prompt, root=self._root(adapter)):
             if not self._has(block_id):
                 break
             n += 1
@@ -265,17 +281,17 @@ class PrefixCache:
     # ---- every rank: store ------------------------------------------------------------------
     def on_prompt_done(self, seq: NewSequence, prompt_cache, tokens: Sequence[int]) -> None:
         """The prompt is prefilled: store its blocks now, so concurrent requests can share them."""
-        self._store(prompt_cache, tokens)
+        self._store(prompt_cache, tokens, seq.adapter)
 
     def on_sequence_done(self, seq: NewSequence, prompt_cache, all_tokens: Sequence[int]) -> None:
         """A sequence finished or was dropped: store its prompt and generated blocks."""
-        self._store(prompt_cache, all_tokens)
+        self._store(prompt_cache, all_tokens, seq.adapter)
 
-    def _store(self, caches, tokens: Sequence[int]) -> None:
-        if not caches or caches[0].keys is None:
+    def _store(self, caches, tokens: Sequence[int], adapter: int = 0) -> None:
+        if not caches or caches[0].keys is None or (adapter and adapter not in self._adapter_roots):
             return
         n_tokens = min(len(tokens), caches[0].offset)
-        ids = block_hashes(self.namespace, tokens[:n_tokens])
+        ids = block_hashes(self.namespace, tokens[:n_tokens], root=self._root(adapter))
         first = 0
         while first < len(ids) and self.ram.contains(ids[first]):
             first += 1

@@ -36,7 +36,7 @@ class RestorePlanner:
         self._hints: list[bytes] = []  # SSD block ids for the next plan's prefetch list
 
     def arrived(self, seq: NewSequence) -> None:
-        ids = self.cache.block_ids(seq.prompt)
+        ids = self.cache.block_ids(seq.prompt, seq.adapter)
         if ids:
             on_disk = self.cache.lookup(ids)
             self._pending[seq.seq_id] = _Pending(ids, self.clock(), bool(on_disk))

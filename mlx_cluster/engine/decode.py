@@ -29,6 +29,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
 from mlx_cluster.engine.plan import SamplingParams
+from mlx_cluster.models.lora import select_rows
 
 _GOLDEN = 0x9E3779B9
 
@@ -40,6 +41,7 @@ class RowSampling:
     params: SamplingParams
     vocab_size: int
     constraint: object | None = None  # a TokenConstraint, or None
+    adapter: int = 0  # the LoRA adapter slot this row runs with (models/lora.py; 0 = none)
     consumed: int = field(default=0, init=False)  # tokens the constraint has seen
 
     def __call__(self, logprobs: mx.array) -> mx.array:
@@ -161,6 +163,7 @@ class DecodeBatch(GenerationBatch):
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
 
+        select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         token_context = []
         if any(self.logits_processors):
@@ -243,6 +246,7 @@ class PromptBatch(PromptProcessingBatch):
     timed = False  # set by the Batcher: no decode step is in flight, so the time is prefill's alone
 
     def prompt(self, tokens):
+        select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])  # each row's LoRA adapter
         if not (self.timed and self.on_prefill is not None and tokens):
             return super().prompt(tokens)
         started = time.perf_counter()

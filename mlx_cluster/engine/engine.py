@@ -66,6 +66,8 @@ class Engine:
             )
         self._phase("apply")
         self.executor.apply(plan)
+        if plan.adapters and self.frontend is not None:
+            self.frontend.adapters_applied(self.executor.adapter_results)
         self._phase("model")
         outputs = self.executor.step()
         self._phase("emit")

@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import StopSequences
 
 from mlx_cluster.constrain import sequence_constraint
+from mlx_cluster.engine import adapters as adapter_ops
 from mlx_cluster.engine.decode import Batcher, RowSampling
 from mlx_cluster.engine.plan import NewSequence, StepPlan
 from mlx_cluster.engine.sampling import make_logits_processors, top_logprobs
@@ -68,6 +69,9 @@ class Executor:
             stream=stream,
         )
         self.prefix_cache = prefix_cache
+        self.adapters = None  # the model's AdapterSet (models/lora.py), when it serves LoRA adapters
+        self.agree_min = list  # one rank agrees with itself; rank.py plugs in ControlBus.agree_min
+        self.adapter_results: dict[int, str | None] = {}  # this step's adapter loads: slot -> error
         self._uid_to_seq: dict[int, NewSequence] = {}
         self._seq_to_uid: dict[int, int] = {}
         self._cached_tokens: dict[int, int] = {}  # seq id -> restored tokens, until its first token
@@ -114,6 +118,9 @@ class Executor:
                     self._cached_tokens.pop(seq.seq_id, None)
                     if cache is not None and uid in caches:
                         cache.on_sequence_done(seq, *caches[uid])
+            self.adapter_results = {}
+            if plan.adapters:
+                self.adapter_results = adapter_ops.apply_ops(self.adapters, plan.adapters, self.agree_min, cache)
             if plan.new:
                 self._insert(plan.new)
 
@@ -137,7 +144,7 @@ class Executor:
             max_tokens=[s.params.max_tokens for s in new],
             caches=caches if any(c is not None for c in caches) else None,
             all_tokens=cached_tokens,
-            samplers=[RowSampling(s.params, self.vocab_size, sequence_constraint(s.grammar)) for s in new],
+            samplers=[RowSampling(s.params, self.vocab_size, sequence_constraint(s.grammar), s.adapter) for s in new],
             logits_processors=[make_logits_processors(s.params, len(s.prompt)) for s in new],
             stop_sequences=[StopSequences([[t] for t in s.params.stop_token_ids] or None) for s in new],
         )

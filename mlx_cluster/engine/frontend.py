@@ -37,6 +37,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     grammar: str = ""  # llguidance grammar constraining the output (constrain/grammar.py); "" = free
+    adapter: int = 0  # the LoRA adapter slot to run with (engine/adapters.py; 0 = none)
 
 
 @dataclass
@@ -136,6 +137,8 @@ class Frontend:
         self.max_kv_tokens = max_kv_tokens
         self._kv_reserved = 0  # written by the engine thread, read by the HTTP thread
         self._kv_need: dict[int, int] = {}
+        self._running_adapters: dict[int, int] = {}  # running seq id -> its adapter slot, when not 0
+        self.adapter_scheduler = None  # engine/adapters.py AdapterScheduler, when adapters are served
         self.shutdown_requested = False
         self.stats = FrontendStats()
 
@@ -171,9 +174,22 @@ class Frontend:
         need = len(seq.prompt) + seq.params.max_tokens
         self._kv_need[seq.seq_id] = need
         self._kv_reserved += need
+        if seq.adapter:
+            self._running_adapters[seq.seq_id] = seq.adapter
 
     def _release(self, seq_id: int) -> None:
         self._kv_reserved -= self._kv_need.pop(seq_id, 0)
+        self._running_adapters.pop(seq_id, None)
+
+    def adapter_request(self, request) -> None:
+        """Load or unload a LoRA adapter (an engine/adapters.py AdapterRequest) on every rank."""
+        self._inbox.put(("adapter", request))
+        self._wake.set()
+
+    def adapters_applied(self, results: dict[int, str | None]) -> None:
+        """Every rank ran this step's adapter operations; `results` are rank 0's (slot -> error)."""
+        if self.adapter_scheduler is not None:
+            self.adapter_scheduler.applied(results)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -259,6 +275,11 @@ class Frontend:
             # Decided at admission, not arrival, so blocks stored or read while the request queued count.
             new = tuple(self.restores.admitted(s) for s in plan.new)
             plan = dataclasses.replace(plan, new=new, prefetch=self.restores.take_hints())
+        if self.adapter_scheduler is not None:
+            in_use = {s.adapter for s in self._waiting} | set(self._running_adapters.values())
+            ops = self.adapter_scheduler.next_ops(in_use)
+            if ops:
+                plan = dataclasses.replace(plan, adapters=ops)
         if self._clear_requested:
             plan = dataclasses.replace(plan, flags=plan.flags | FLAG_CLEAR_CACHE)
             self._clear_published, self._clear_requested = self._clear_requested, []
@@ -286,6 +307,11 @@ class Frontend:
                 self._abort(item)
             elif kind == "clear_cache":
                 self._clear_requested.append(item)
+            elif kind == "adapter":
+                if self.adapter_scheduler is None:
+                    item.done("this server does not serve LoRA adapters")
+                else:
+                    self.adapter_scheduler.add(item)
             else:
                 for request in list(self._requests.values()):
                     request.req.deliver(ErrorEvent(item, 503, "shutting_down"))
@@ -308,7 +334,9 @@ class Frontend:
             if index:
                 # n > 1: independent samples of the same prompt, still reproducible from the seed.
                 params = SamplingParams(**{**params.__dict__, "seed": (params.seed + index) & 0xFFFFFFFFFFFFFFFF})
-            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params, grammar=req.grammar)
+            seq = NewSequence(
+                seq_id=seq_id, prompt=tuple(req.prompt), params=params, grammar=req.grammar, adapter=req.adapter
+            )
             assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
             self._seqs[seq_id] = _Seq(request, index, assembler)
             self._waiting.append(seq)
@@ -406,6 +434,8 @@ class Frontend:
         self._running.clear()
         self._kv_need.clear()
         self._kv_reserved = 0
+        if self.adapter_scheduler is not None:
+            self.adapter_scheduler.fail_all(message)
 
     def _update_stats(self) -> None:
         s = self.stats

@@ -89,6 +89,7 @@ def build_engine(ctx: RankContext, stream):
 
     from mlx_cluster import constrain
     from mlx_cluster.agent.formats import marker_token_ids
+    from mlx_cluster.engine.adapters import AdapterScheduler, attach_adapters
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
@@ -96,6 +97,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
     from mlx_cluster.models.loader import load_model_shard
+    from mlx_cluster.models.lora import linear_layouts
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
     from mlx_cluster.server.generation import Limits
     from mlx_cluster.server.turn import make_agent_setup
@@ -104,11 +106,7 @@ def build_engine(ctx: RankContext, stream):
     t0 = time.monotonic()
     path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
     loaded = load_model_shard(
-        path,
-        ctx.group,
-        revision=cfg.model.revision,
-        adapter_path=cfg.model.adapter_path,
-        trust_remote_code=cfg.model.trust_remote_code,
+        path, ctx.group, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     log.info(
         "loaded %s shard %d/%d in %.1f s (%.1f MB read)",
@@ -118,6 +116,7 @@ def build_engine(ctx: RankContext, stream):
         time.monotonic() - t0,
         loaded.bytes_read / 1e6,
     )
+    layouts = linear_layouts(loaded.model, ctx.group, loaded.shard_specs)  # before fusion: LoRA sharding
     # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
     # MoE experts and other shapes are left as they are).
     log.info("fused %d projection groups", fuse_projections(loaded.model))
@@ -136,6 +135,7 @@ def build_engine(ctx: RankContext, stream):
     executor.stats.__init__()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group)
+    adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
     link = PlanLink(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
@@ -144,6 +144,7 @@ def build_engine(ctx: RankContext, stream):
     bus = ControlBus(link, silence_timeout_s=sup.collective_timeout_s)
     if prefix_cache is not None:
         prefix_cache.agree_min = bus.agree_min
+    executor.agree_min = bus.agree_min
 
     frontend = None
     if ctx.rank == 0:
@@ -156,7 +157,10 @@ def build_engine(ctx: RankContext, stream):
             max_kv_tokens=sched.max_kv_tokens,
         )
         ctx.frontend = frontend
+        if adapters is not None:
+            frontend.adapter_scheduler = AdapterScheduler(adapters)
         state = ctx.state
+        state.adapters = adapters
         state.tokenizer = loaded.tokenizer
         state.agent = agent = make_agent_setup(cfg.model, loaded.tokenizer, vocab_size)
         # Tool-call and think markers may be special tokens; the parsers must see them in the text.
