@@ -143,6 +143,7 @@ class Supervisor:
                 **spec.env,
                 "MLX_CLUSTER_CONFIG": cfg_json,
                 "MLX_CLUSTER_BUS_TOKEN": token,
+                "MLX_CLUSTER_RESTARTS": str(self.restarts),  # shown on the dashboard
             }
             if spec.rank == 0 and self.http_socket is not None:
                 env["MLX_CLUSTER_HTTP_FD"] = str(self.http_socket.fileno())

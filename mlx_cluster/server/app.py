@@ -71,6 +71,7 @@ class ServerState:
     wedged_after_s: float = 30.0
     agent: object | None = None  # server/turn.py AgentSetup: tool / reasoning formats, grammar compiler
     responses: object | None = None  # server/responses.py ResponseStore
+    cluster_status: object | None = None  # server/status.py ClusterStatus: every rank's reports, history
 
     @property
     def model_name(self) -> str:
@@ -193,6 +194,9 @@ def create_app(state: ServerState) -> FastAPI:
     from mlx_cluster.server.admin import admin_router  # imported here: admin.py imports this module
 
     app.include_router(admin_router(state))
+    from mlx_cluster.server.status import status_router
+
+    app.include_router(status_router(state))  # GET /admin/status, the dashboard at / and /dashboard
 
     # ---- models ---------------------------------------------------------------------
     def model_card() -> dict:

@@ -177,6 +177,9 @@ class Metrics:
             self.bus_messages.labels(m, "0").set(bus.messages)
             self.bus_device_syncs.labels(m, "0").set(bus.device_syncs)
             self.bus_plans.labels(m, "0").set(bus.plans)
+        cluster_status = getattr(state, "cluster_status", None)
+        if cluster_status is not None:  # every rank's figures, from their status reports
+            cluster_status.scrape(self)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _cache_samples(self, stats) -> None:
