@@ -54,6 +54,7 @@ class Engine:
         # Seconds spent in each phase since start (idle included): read by the status reporter.
         self.phase_s: dict[str, float] = {}
         self.last_phase_s: dict[str, float] = {}  # the latest duration of each phase
+        self.last_work_s = 0.0
         self._phase_at = time.perf_counter()
 
     def step(self) -> StepPlan:
@@ -103,6 +104,7 @@ class Engine:
             self.trace.step(plan.step, self._phases, now, args)
             self._phases = []
         self.timer.last_step_s = now - started
+        self.last_work_s = self.timer.last_step_s - self.last_phase_s.get("bus", 0.0)  # without the plan wait
         self.step_index = plan.step + 1
         self.idle = plan.idle
 

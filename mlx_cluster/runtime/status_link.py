@@ -100,8 +100,9 @@ def _rates(previous: tuple[float, dict] | None, current: tuple[float, dict]) -> 
     pa, pb = a.get("phase_s", {}), b.get("phase_s", {})
     return {
         "tok_s": round((b.get("gen_tokens", 0) - a.get("gen_tokens", 0)) / dt, 2),
-        "bus_frac": round(max(0.0, pb.get("bus", 0) - pa.get("bus", 0)) / dt, 4),
-        "model_frac": round(max(0.0, pb.get("model", 0) - pa.get("model", 0)) / dt, 4),
+        # A phase is counted when it ends, so one that straddles two reports can push a share past 1.
+        "bus_frac": round(min(1.0, max(0.0, pb.get("bus", 0) - pa.get("bus", 0)) / dt), 4),
+        "model_frac": round(min(1.0, max(0.0, pb.get("model", 0) - pa.get("model", 0)) / dt), 4),
     }
 
 
@@ -143,7 +144,7 @@ def collect_report(engine, rank: int, started_at: float) -> dict:
         "mem_active": int(mx.get_active_memory()),
         "mem_peak": int(mx.get_peak_memory()),
         # The last step without its wait for the plan (on a worker that wait is rank 0's pace).
-        "step_s": round(max(0.0, engine.timer.last_step_s - engine.last_phase_s.get("bus", 0.0)), 6),
+        "step_s": round(max(0.0, engine.last_work_s), 6),
         "bus_s": round(engine.last_phase_s.get("bus", 0.0), 6),
         "steps": executor.stats.steps,
         "active": executor.active,

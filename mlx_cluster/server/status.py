@@ -197,7 +197,10 @@ def status_report(state) -> dict:
 
     cfg = state.config
     cs = state.cluster_status
-    ranks = cs.board.snapshot() if cs is not None else [{"rank": 0, "up": False, "state": state.status, "age_s": None}]
+    if cs is not None:
+        ranks = cs.board.snapshot()
+    else:  # still loading: no report from anyone yet
+        ranks = [{"rank": r, "up": False, "state": "unknown", "age_s": None} for r in range(state.world_size)]
     for r in ranks:
         r.pop("t", None)
     metrics = state.metrics

@@ -12,7 +12,10 @@ function authHeaders() {
 }
 
 async function api(path, options = {}) {
-  const res = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  const init = { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } };
+  // A restarting cluster keeps its HTTP socket and lets requests wait: give up on status polls after a while.
+  if (!init.signal) init.signal = AbortSignal.timeout(5000);
+  const res = await fetch(path, init);
   if (res.status === 401) {
     showKeyPrompt(sessionStorage.getItem(KEY_NAME) ? "that key was refused" : "");
     throw new Error("unauthorized");
