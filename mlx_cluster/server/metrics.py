@@ -115,6 +115,9 @@ class Metrics:
             registry=r,
         )
         self.cache_extra = None  # set by the prefix cache: a callable adding its own samples
+        from mlx_cluster.server.status import RankGauges
+
+        self.ranks = RankGauges(self)  # every rank's figures from its status reports (server/status.py)
 
     # ---- per request (HTTP side, asyncio thread) ---------------------------------------
     def request_started(self, prompt_len: int) -> None:

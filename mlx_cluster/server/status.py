@@ -38,8 +38,6 @@ class ClusterStatus:
         self.clock = clock
         self.history: deque[dict] = deque(maxlen=max(30, int(HISTORY_S / max(board.heartbeat_s, 0.1))))
         self._last_totals: dict | None = None
-        self._gauges = None
-        self._gauges_of = None
 
     # ---- history, sampled on rank 0's reporter thread ------------------------------------
     def _totals(self) -> dict:
@@ -90,9 +88,7 @@ class ClusterStatus:
 
     # ---- /metrics: per-rank series ----------------------------------------------------------
     def scrape(self, metrics) -> None:
-        if self._gauges_of is not metrics:
-            self._gauges, self._gauges_of = RankGauges(metrics), metrics
-        self._gauges.update(metrics, self.board.snapshot())
+        metrics.ranks.update(metrics, self.board.snapshot())
 
 
 class RankGauges:
