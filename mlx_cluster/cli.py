@@ -83,8 +83,10 @@ def cmd_hostfile(args) -> int:
 
 
 def cmd_make_model(args) -> int:
+    from mlx_cluster.launcher.progress import show_progress_of_this_process
     from mlx_cluster.models.builtin import make_model
 
+    show_progress_of_this_process()  # a bar on a terminal, plain lines otherwise
     path = make_model(args.dir, args.preset)
     print(path)
     return 0

@@ -29,8 +29,9 @@ class ProgressDisplay:
         self.loading: dict[int, tuple[float, float]] = {}
         self._drawn = False
 
-    def line(self, rank: int | None, text: str) -> None:
-        """A line from a rank (or the launcher, rank None): a progress update or a line to print."""
+    def line(self, rank: int | str | None, text: str) -> None:
+        """A line from a rank (or another source named by a string; None: a line that is never
+        progress): a progress update or a line to print."""
         progress = parse(text) if rank is not None else None
         if progress is None or not self.tty:
             self._clear()
@@ -55,8 +56,27 @@ class ProgressDisplay:
     def _draw(self) -> None:
         if not (self.tty and self.loading):
             return
-        parts = [f"rank {rank} [{bar(*p)}]" for rank, p in sorted(self.loading.items())]
+        parts = [f"{_label(key)} [{bar(*p)}]" for key, p in sorted(self.loading.items(), key=lambda kv: str(kv[0]))]
         width = shutil.get_terminal_size().columns - 1  # one line, or \r cannot clear it
         self.out.write(("loading " + "  ".join(parts))[:width])
         self.out.flush()
         self._drawn = True
+
+
+def _label(key) -> str:
+    return f"rank {key}" if isinstance(key, int) else str(key)
+
+
+def show_progress_of_this_process(out=sys.stderr) -> None:
+    """`mlx-cluster make-model`: draw this process's own progress lines (models/load_progress.py)."""
+    import logging
+
+    display = ProgressDisplay(out)
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            display.line("make-model", record.getMessage())
+
+    logger = logging.getLogger("mlx_cluster.load")
+    logger.addHandler(Handler())
+    logger.setLevel(logging.INFO)
