@@ -132,7 +132,9 @@ def main() -> None:
             "tpot_ms_p50_each": [round(rep["tpot_ms"]["p50"], 2) for rep in reports],
             "errors": sum(rep["errors"] for rep in reports),
         }
-    summary["open_over_closed"] = round(summary["open"]["output_tok_s_mean"] / summary["closed"]["output_tok_s_mean"], 4)
+    summary["open_over_closed"] = round(
+        summary["open"]["output_tok_s_mean"] / summary["closed"]["output_tok_s_mean"], 4
+    )
     report = {
         "preset": args.preset,
         "ranks": args.ranks,
