@@ -108,7 +108,8 @@ def main() -> None:
         config={
             "model": {"path": f"builtin:{args.preset}"},
             "scheduler": {"max_batch_size": max(8, args.concurrency)},
-            "supervisor": {"heartbeat_s": 1.0},  # the default, not the tests' faster one
+            # The defaults, not the tests' short ones: a shared 2-core machine can take >10 s for a first prefill.
+            "supervisor": {"heartbeat_s": 1.0, "collective_timeout_s": 120},
         },
     )
     rows: dict[str, list[dict]] = {"closed": [], "open": []}
