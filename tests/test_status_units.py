@@ -122,6 +122,18 @@ def test_admin_status_is_behind_the_key_and_the_dashboard_page_is_not():
     assert body["cluster"]["api_key_required"] is True
     assert body["ranks"][0]["up"] and body["ranks"][0]["mem_active"] == 5
     json.dumps(body)  # plain JSON throughout
+    # A polling page asks only for the history points it has not seen.
+    status = state.cluster_status
+    status.sample()
+    status.sample()
+    assert len(status.history) == 1
+    last_t = status.history[-1]["t"]
+    since = app.get("/admin/status", params={"history_since": last_t}, headers={"Authorization": "Bearer sk-secret"})
+    assert since.json()["history"] == []
+    since = app.get(
+        "/admin/status", params={"history_since": last_t - 1}, headers={"Authorization": "Bearer sk-secret"}
+    )
+    assert len(since.json()["history"]) == 1
     metrics = app.get("/metrics", headers={"Authorization": "Bearer sk-secret"}).text
     assert 'mlx_cluster_rank_up{model_name="builtin:tiny",rank="0"} 1.0' in metrics
     assert 'mlx_cluster_rank_memory_active_bytes{model_name="builtin:tiny",rank="0"} 5.0' in metrics

@@ -18,7 +18,7 @@ from collections import deque
 from importlib import resources
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import Gauge
 
 from mlx_cluster.server.protocol import APIError
@@ -188,7 +188,7 @@ def running_requests(frontend, now: float) -> list[dict]:
     return out
 
 
-def status_report(state) -> dict:
+def status_report(state, history_since: float | None = None) -> dict:
     from mlx_cluster.server.app import health_report
 
     cfg = state.config
@@ -225,7 +225,7 @@ def status_report(state) -> dict:
         "health": health_report(state),
         "ranks": ranks,
         "requests": running_requests(state.frontend, time.monotonic()),
-        "history": list(cs.history) if cs is not None else [],
+        "history": _history(cs, history_since),
         "errors": errors,
         "prefix_cache": cache,
         "limits": {
@@ -236,6 +236,16 @@ def status_report(state) -> dict:
     }
 
 
+def _history(cs, since: float | None) -> list[dict]:
+    """The whole history, or only the points after `since` (what a polling page has not seen yet)."""
+    if cs is None:
+        return []
+    points = list(cs.history)
+    if since is None:
+        return points
+    return [p for p in points if p["t"] > since]
+
+
 def dashboard_asset(name: str) -> bytes:
     return resources.files("mlx_cluster.server").joinpath("dashboard", name).read_bytes()
 
@@ -244,9 +254,11 @@ def status_router(state) -> APIRouter:
     router = APIRouter()
 
     @router.get("/admin/status")
-    async def admin_status():
-        """The cluster, every rank, live requests and the last minutes' throughput and latency."""
-        return status_report(state)
+    async def admin_status(history_since: float | None = None):
+        """The cluster, every rank, live requests and the last minutes' throughput and latency
+        (`history_since`: only the history points after that unix time)."""
+        # JSONResponse directly: FastAPI's jsonable_encoder would walk the document in Python.
+        return JSONResponse(status_report(state, history_since))
 
     @router.get("/", include_in_schema=False)
     @router.get("/dashboard", include_in_schema=False)

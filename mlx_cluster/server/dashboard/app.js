@@ -93,13 +93,21 @@ function fmtAxis(v) { return v >= 100 ? v.toFixed(0) : v >= 1 ? v.toFixed(1) : v
 
 // ---- the dashboard ------------------------------------------------------------------------
 let pollTimer = null;
+let history = []; // the page keeps the history; each poll asks only for the points after its last one
+const HISTORY_KEEP_S = 600;
 
 async function refresh() {
   clearTimeout(pollTimer);
   try {
-    const res = await api("/admin/status");
+    const since = history.length ? "?history_since=" + history[history.length - 1].t : "";
+    const res = await api("/admin/status" + since);
     if (!res.ok) throw new Error("HTTP " + res.status);
-    render(await res.json());
+    const status = await res.json();
+    history = history.concat(status.history);
+    const cut = history.length ? history[history.length - 1].t - HISTORY_KEEP_S : 0;
+    history = history.filter((p) => p.t >= cut);
+    status.history = history;
+    render(status);
     setConn("live", true);
   } catch (err) {
     if (err.message !== "unauthorized") {
