@@ -289,6 +289,9 @@ def serve_http(ctx: RankContext) -> None:
     from mlx_cluster.server.metrics import Metrics
 
     ctx.state.metrics = Metrics(ctx.config.model.served_name)
+    from mlx_cluster.server.tracing import make_request_tracer
+
+    ctx.state.metrics.tracer = make_request_tracer(ctx.config.server.otlp_endpoint, ctx.config.cluster.name)
     app = create_app(ctx.state)
     server_cfg = ctx.config.server
     kwargs = {"fd": ctx.http_fd} if ctx.http_fd is not None else {"host": server_cfg.host, "port": server_cfg.port}

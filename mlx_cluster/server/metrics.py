@@ -117,6 +117,7 @@ class Metrics:
         self.cache_extra = None  # set by the prefix cache: a callable adding its own samples
         from mlx_cluster.server.status import RankGauges
 
+        self.tracer = None  # set when server.otlp_endpoint is (server/tracing.py)
         self.ranks = RankGauges(self)  # every rank's figures from its status reports (server/status.py)
 
     # ---- per request (HTTP side, asyncio thread) ---------------------------------------
@@ -139,6 +140,8 @@ class Metrics:
         if getattr(stream, "counted", False):
             return
         stream.counted = True
+        if self.tracer is not None:  # server/tracing.py: one OpenTelemetry trace per request
+            self.tracer.request_finished(stream, outcome)
         m = self.model_name
         now = time.monotonic()
         if outcome != "ok":
