@@ -330,6 +330,7 @@ class RankStatus:
         self.server: StatusServer | None = None
         self.sock: socket.socket | None = None
         self.reporter: Reporter | None = None
+        self._dialer: threading.Thread | None = None
         install_error_counter()
         if world_size == 1 or not addr:
             return
@@ -340,7 +341,12 @@ class RankStatus:
             except OSError as e:  # the dashboard loses the workers' figures; serving goes on
                 log.warning("status link: cannot listen on %s (%s); workers report nothing", addr, e)
         else:
-            self.sock = dial(rank, host, int(port), token, timeout_s)
+            # Dialled on its own thread: a rank 0 that cannot listen must not hold up the plan link.
+            def dial_rank0() -> None:
+                self.sock = dial(rank, host, int(port), token, timeout_s)
+
+            self._dialer = threading.Thread(target=dial_rank0, name="status-dial", daemon=True)
+            self._dialer.start()
 
     def joined(self) -> None:
         """Rank 0, once the plan link has joined: give the last status connection a moment, so the
@@ -359,12 +365,15 @@ class RankStatus:
                 if on_report is not None:
                     on_report(report)
 
-        elif self.sock is not None:
-            sock = self.sock
-            sock.settimeout(10.0)  # a report that cannot leave in 10 s ends the reporting, not the rank
+        elif self._dialer is not None:
+            dialer = self._dialer
 
             def deliver(report: dict) -> None:
-                send_report(sock, report)
+                dialer.join()  # the first report waits for the connection (on the reporter thread)
+                if self.sock is None:
+                    raise OSError("no status link to rank 0")
+                self.sock.settimeout(10.0)  # a report that cannot leave in 10 s ends the reporting, not the rank
+                send_report(self.sock, report)
 
         else:
             return
