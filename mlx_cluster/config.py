@@ -129,6 +129,7 @@ class ServerSection(_Strict):
     # /v1/responses keeps stored responses (for previous_response_id and GET) in rank 0's memory
     responses_store_max: int = Field(1000, ge=0, le=1_000_000)  # 0 turns storing off
     responses_store_ttl_s: float = Field(3600.0, gt=0)
+    otlp_endpoint: str | None = None  # OTLP/HTTP traces endpoint; needs the `otel` extra (server/tracing.py)
 
 
 class SchedulerSection(_Strict):

@@ -46,6 +46,7 @@ from mlx_lm.utils import (
     load_tokenizer,
 )
 
+from mlx_cluster.models.load_progress import LoadProgress
 from mlx_cluster.models.safetensors_reader import (
     SafetensorsReader,
     TensorInfo,
@@ -260,6 +261,15 @@ def sharded_shape(shape: tuple[int, ...], spec: ShardSpec | None) -> tuple[int, 
     return tuple(kept if i == axis else d for i, d in enumerate(shape))
 
 
+def shard_nbytes(info: TensorInfo, spec: ShardSpec | None) -> int:
+    """How many bytes `read_shard` reads for this tensor (for the load progress)."""
+    if spec is None:
+        return info.nbytes
+    axis = spec.axis % len(info.shape)
+    dim = info.shape[axis]
+    return info.nbytes * sum(stop - start for start, stop in spec.ranges(dim)) // max(1, dim)
+
+
 def read_shard(reader: SafetensorsReader, info: TensorInfo, spec: ShardSpec | None) -> mx.array:
     """Read this rank's part of one tensor: the whole tensor when ``spec`` is None."""
     if spec is None:
@@ -454,8 +464,13 @@ def _load_partial(model_path: Path, config: dict, group, tensors: dict[str, Tens
     """Fast path: build, shard, and read only this rank's blocks. Returns (model, bytes_read, plan)."""
     model = _build_unloaded_model(model_path, config, tensors, trust_remote_code)
     plan = _plan_reads(model, group)
+    progress = LoadProgress(sum(shard_nbytes(tensors[name], spec) for name, spec in plan.items()))
     with SafetensorsReader() as reader:
-        weights = [(name, read_shard(reader, tensors[name], spec)) for name, spec in plan.items()]
+        weights = []
+        for name, spec in plan.items():
+            weights.append((name, read_shard(reader, tensors[name], spec)))
+            progress.update(reader.bytes_read)
+        progress.update(reader.bytes_read, final=True)
         opened = len(reader.files_opened)
     model.load_weights(weights, strict=True)
     logger.debug("read %d tensors from %d files", len(weights), opened)

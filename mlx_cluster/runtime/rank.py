@@ -34,6 +34,8 @@ class RankContext:
         # The plan link's address (rank 0 listens there); the variable kept its first name.
         self.plan_link_addr = environ.get("MLX_CLUSTER_DOORBELL", "127.0.0.1:0")
         self.bus_token = environ.get("MLX_CLUSTER_BUS_TOKEN", "")
+        self.status_link_addr = environ.get("MLX_CLUSTER_STATUS_LINK", "")
+        self.restarts = int(environ.get("MLX_CLUSTER_RESTARTS", "0"))
         http_fd = environ.get("MLX_CLUSTER_HTTP_FD")
         self.http_fd = int(http_fd) if http_fd else None
         parent = environ.get("MLX_CLUSTER_PARENT_PID")
@@ -44,6 +46,7 @@ class RankContext:
         self.state = None  # ServerState on rank 0
         self.frontend = None
         self.engine = None
+        self.status = None  # runtime/status_link.py RankStatus
         self.uvicorn_server = None
         self.exit_code = 0
 
@@ -99,6 +102,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.models.loader import load_model_shard
     from mlx_cluster.models.lora import linear_layouts
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
+    from mlx_cluster.runtime.status_link import RankStatus
     from mlx_cluster.server.generation import Limits
     from mlx_cluster.server.turn import make_agent_setup
 
@@ -139,8 +143,13 @@ def build_engine(ctx: RankContext, stream):
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
     link = PlanLink(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
-    link.connect()
     sup = cfg.supervisor
+    # Per-rank reports for the dashboard travel on their own link, never on the lock-step plan link.
+    ctx.status = RankStatus(
+        ctx.rank, ctx.world_size, ctx.status_link_addr, ctx.bus_token, sup.heartbeat_s, sup.startup_timeout_s
+    )
+    link.connect()
+    ctx.status.joined()
     bus = ControlBus(link, silence_timeout_s=sup.collective_timeout_s)
     if prefix_cache is not None:
         prefix_cache.agree_min = bus.agree_min
@@ -178,6 +187,12 @@ def build_engine(ctx: RankContext, stream):
         )
     engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
+    on_report = None
+    if ctx.state is not None:
+        from mlx_cluster.server.status import attach_status
+
+        on_report = attach_status(ctx.state, ctx.status.board, ctx.restarts)
+    ctx.status.start(engine, on_report)
     mx.synchronize()
     return engine
 
@@ -235,6 +250,8 @@ def engine_thread_main(ctx: RankContext) -> None:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if ctx.status is not None:
+            ctx.status.close()
         if ctx.uvicorn_server is not None:
             ctx.uvicorn_server.should_exit = True
 
@@ -278,6 +295,9 @@ def serve_http(ctx: RankContext) -> None:
     from mlx_cluster.server.metrics import Metrics
 
     ctx.state.metrics = Metrics(ctx.config.model.served_name)
+    from mlx_cluster.server.tracing import make_request_tracer
+
+    ctx.state.metrics.tracer = make_request_tracer(ctx.config.server.otlp_endpoint, ctx.config.cluster.name)
     app = create_app(ctx.state)
     server_cfg = ctx.config.server
     kwargs = {"fd": ctx.http_fd} if ctx.http_fd is not None else {"host": server_cfg.host, "port": server_cfg.port}

@@ -72,6 +72,7 @@ class ServerState:
     agent: object | None = None  # server/turn.py AgentSetup: tool / reasoning formats, grammar compiler
     responses: object | None = None  # server/responses.py ResponseStore
     adapters: object | None = None  # engine/adapters.py AdapterRegistry (None: LoRA adapters off)
+    cluster_status: object | None = None  # server/status.py ClusterStatus: every rank's reports, history
 
     @property
     def model_name(self) -> str:
@@ -195,6 +196,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.include_router(admin_router(state))
     app.include_router(lora_router(state))
+    from mlx_cluster.server.status import status_router
+
+    app.include_router(status_router(state))  # GET /admin/status, the dashboard at / and /dashboard
 
     # ---- models ---------------------------------------------------------------------
     def model_card() -> dict:
