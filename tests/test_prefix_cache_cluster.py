@@ -149,6 +149,18 @@ def test_agent_session_reuses_its_prompt_on_two_ranks_and_after_a_restart(tmp_pa
     with Cluster(tmp_path / "a", ranks=2, models_dir=models_dir, config=cfg) as cluster:
         client = cluster.openai()
         ratios = [agent_turn(client, messages, turn) for turn in range(5)]
+        # Every rank's tiers reach rank 0 (status reports): /admin/cache and /metrics.
+        cluster.wait_for(
+            lambda: (
+                [r["ram"]["blocks"] for r in httpx.get(cluster.url + "/admin/cache", timeout=10).json()["ranks"]]
+                == [httpx.get(cluster.url + "/admin/cache", timeout=10).json()["ram"]["blocks"]] * 2
+            ),
+            30,
+            "both ranks' RAM tiers in /admin/cache (mirrored: the same blocks)",
+        )
+        for rank in ("0", "1"):
+            assert cluster.metric("mlx_cluster_rank_prefix_cache_bytes", rank=rank, tier="ram") > 0
+            assert cluster.metric("mlx_cluster_rank_prefix_cache_cost_seconds", rank=rank, figure="prefill_block_s") > 0
     assert ratios[0] == 0 and all(r >= 0.9 for r in ratios[1:]), ratios
     with Cluster(tmp_path / "b", ranks=2, models_dir=models_dir, config=cfg) as cluster:
         after_restart = agent_turn(cluster.openai(), messages, 5)

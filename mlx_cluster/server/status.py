@@ -113,6 +113,7 @@ class RankGauges:
         )
         self.ssd_bytes = Gauge(P + "prefix_cache_ssd_bytes", "Bytes in the rank's SSD tier.", L, registry=r)
         self.ssd_errors = Gauge(P + "prefix_cache_ssd_errors_total", "SSD tier I/O errors on the rank.", L, registry=r)
+        self.cache = RankCacheGauges(r, L, P + "prefix_cache_")
 
     def update(self, metrics, ranks: list[dict]) -> None:
         m = metrics.model_name
@@ -133,6 +134,8 @@ class RankGauges:
             if isinstance(ssd, dict):
                 self.ssd_bytes.labels(m, rank).set(ssd.get("bytes", 0))
                 self.ssd_errors.labels(m, rank).set(ssd.get("errors", 0))
+            if isinstance(r.get("cache"), dict):
+                self.cache.update(m, rank, r["cache"])
             if r["rank"] != 0:  # rank 0's own are set from its live objects by Metrics.render
                 metrics.step_time.labels(m, rank).set(r.get("step_s", 0.0))
                 bus = r.get("bus") or {}
@@ -140,6 +143,65 @@ class RankGauges:
                 metrics.bus_messages.labels(m, rank).set(bus.get("messages", 0))
                 metrics.bus_plans.labels(m, rank).set(bus.get("plans", 0))
                 metrics.bus_device_syncs.labels(m, rank).set(bus.get("device_syncs", 0))
+
+
+class RankCacheGauges:
+    """Every rank's prefix-cache tiers, from the `cache` section of its status reports."""
+
+    # (series, figure in the report's tier dict, help); the tier label says which tier.
+    TIER_FIGURES = (
+        ("blocks", "blocks", "KV blocks the tier holds."),
+        ("bytes", "bytes", "Bytes the tier holds."),
+        ("capacity_bytes", "capacity_bytes", "The tier's byte budget."),
+        ("hits_total", "hits", "Blocks restored from the tier."),
+        ("misses_total", "misses", "Blocks looked up in the tier and not found."),
+        ("evictions_total", "evictions", "Blocks evicted from the tier."),
+    )
+    SSD_FIGURES = (
+        ("read_bytes_total", "read_bytes", "Bytes read (and verified) from the SSD tier."),
+        ("read_seconds_total", "read_s", "Seconds spent reading and verifying SSD tier files (reader thread)."),
+        ("write_bytes_total", "write_bytes", "Bytes written to the SSD tier."),
+        ("prefetched_total", "prefetched", "Blocks read ahead from SSD for queued requests."),
+        ("prefetch_adopted_total", "prefetch_adopted", "Prefetched blocks a restore used."),
+        ("prefetch_wasted_total", "prefetch_wasted", "Prefetched blocks dropped unused."),
+        ("dropped_writes_total", "dropped_writes", "SSD writes dropped because the write queue was full."),
+        ("corrupt_total", "corrupt", "SSD tier files that failed verification (deleted)."),
+    )
+    COSTS = ("prefill_block_s", "memory_block_s", "ssd_block_s")
+
+    def __init__(self, registry, labels: list[str], prefix: str):
+        self.tier = {
+            key: Gauge(prefix + name, doc, labels + ["tier"], registry=registry) for name, key, doc in self.TIER_FIGURES
+        }
+        self.ssd = {
+            key: Gauge(prefix + "ssd_" + name, doc, labels, registry=registry) for name, key, doc in self.SSD_FIGURES
+        }
+        self.restored = Gauge(
+            prefix + "restored_tokens_total", "Prompt tokens restored on the rank.", labels, registry=registry
+        )
+        self.cost = Gauge(
+            prefix + "cost_seconds",
+            "The rank's measured cost of one block: prefill_block_s (recompute), memory_block_s (restore from "
+            "memory), ssd_block_s (read and verify from SSD). See docs/architecture.md, prefix cache costs.",
+            labels + ["figure"],
+            registry=registry,
+        )
+
+    def update(self, model: str, rank: str, cache: dict) -> None:
+        for tier in ("ram", "ssd"):
+            figures = cache.get(tier)
+            if isinstance(figures, dict):
+                for key, gauge in self.tier.items():
+                    gauge.labels(model, rank, tier).set(figures.get(key) or 0)
+        ssd = cache.get("ssd")
+        if isinstance(ssd, dict):
+            for key, gauge in self.ssd.items():
+                gauge.labels(model, rank).set(ssd.get(key) or 0)
+        self.restored.labels(model, rank).set(cache.get("restored_tokens") or 0)
+        cost = cache.get("cost") or {}
+        for figure in self.COSTS:
+            if cost.get(figure) is not None:
+                self.cost.labels(model, rank, figure).set(cost[figure])
 
 
 def _histogram_sum_count(hist) -> tuple[float, float]:
