@@ -266,3 +266,12 @@ def test_two_ranks_match_one_rank(arch, checkpoints, prompts, references, tmp_pa
         assert response.status_code == 200, response.text
         # Each token's text (see test_checkpoints.silent_tokens): equal texts, equal token ids.
         assert response.json()["choices"][0]["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in want]
+
+
+def test_config_keys():
+    from pydantic import ValidationError
+
+    assert CacheSection().live_kv_bits == "auto"
+    assert CacheSection(kv_bits=8, live_kv_bits=None).live_kv_bits is None
+    with pytest.raises(ValidationError, match="live_kv_bits"):
+        CacheSection(live_kv_bits=3)

@@ -1,0 +1,154 @@
+"""Quantized live KV benchmark: concurrent sequences at one KV memory budget, and TPOT at c=8.
+
+Starts one cluster per `cache.kv_bits` value (all up at once, the same model and
+`scheduler.max_kv_tokens`), then, for each:
+
+* capacity: `--flood` requests of `--input-len` + `--output-len` tokens at once, into an
+  in-process engine with the same settings: the most sequences it ran together;
+* TPOT: `mlx-cluster bench` at `--concurrency`, the variants interleaved `--rounds` times so
+  that a busy shared machine slows them alike; the median of each variant's mean TPOT.
+
+    python benchmarks/kv_quant.py --model builtin:tiny --kv-bits none 8 --out results/kv_quant_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.cluster import Cluster  # noqa: E402  (the same harness the tests use)
+
+
+def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, str]:
+    """How many sequences the real scheduler runs at once within the budget: an in-process
+    engine (one rank, rank 0's Frontend) given `--flood` requests at once, stepped until it
+    admits no more (or one finishes). HTTP polling of /metrics
+    on a busy 2-core machine missed peaks; this counts them exactly."""
+    import logging
+
+    import mlx.core as mx
+
+    from mlx_cluster.cache.testing import LocalBus, greedy, make_executor
+    from mlx_cluster.config import CacheSection
+    from mlx_cluster.engine.engine import Engine
+    from mlx_cluster.engine.frontend import DoneEvent, Frontend, GenerationRequest
+    from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
+    from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.loader import load_model_shard
+
+    loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
+    cache_cfg = CacheSection(kv_bits=None if kv_bits == "none" else int(kv_bits), kv_group_size=args.kv_group_size)
+    live = resolve_live_kv(cache_cfg, loaded.model)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("mlx_cluster.engine.kv_quant").addHandler(handler)
+    logging.getLogger("mlx_cluster.engine.kv_quant").setLevel(logging.INFO)
+    budget = kv_budget(args.max_kv_tokens, loaded.model, live)
+    ex = make_executor(loaded, None, max_batch_size=args.max_batch_size, live_kv=live)
+    frontend = Frontend(
+        loaded.tokenizer,
+        max_batch_size=args.max_batch_size,
+        max_new_per_step=8,
+        max_queue=args.flood,
+        max_kv_tokens=budget.tokens,
+    )
+    engine = Engine(ex, LocalBus(), frontend, heartbeat_s=1.0)
+    done = []
+    prompt = list(range(100, 100 + args.input_len))
+    for i in range(args.flood):
+        deliver = lambda e: done.append(e) if isinstance(e, DoneEvent) else None  # noqa: E731
+        assert frontend.submit(GenerationRequest(f"r{i}", prompt, greedy(args.output_len), deliver))
+    peak = still = 0
+    while not done and still < 4:  # 4 steps without a new admission: the budget is full
+        engine.step()
+        still = still + 1 if frontend.stats.seqs_running <= peak else 0
+        peak = max(peak, frontend.stats.seqs_running)
+    return peak, records[-1]
+
+
+def tpot_ms(cluster: Cluster, args) -> float:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_cluster",
+        "bench",
+        cluster.url,
+        "--concurrency",
+        str(args.concurrency),
+        "--num-requests",
+        str(args.num_requests),
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--json",
+        "--no-progress",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["tpot_ms"]["mean"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="builtin:tiny")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--kv-bits", nargs="+", default=["none", "8"])
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--max-kv-tokens", type=int, default=4096)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--flood", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--num-requests", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--models-dir", default=str(Path("~/.cache/mlx-cluster/models").expanduser()))
+    p.add_argument("--out")
+    args = p.parse_args()
+
+    clusters = {}
+    root = Path(tempfile.mkdtemp(prefix="kv_quant_bench_"))
+    try:
+        for bits in args.kv_bits:
+            config = {
+                "model": {"path": args.model},
+                "cache": {"kv_bits": None if bits == "none" else int(bits), "kv_group_size": args.kv_group_size},
+                "scheduler": {"max_kv_tokens": args.max_kv_tokens, "max_batch_size": args.max_batch_size},
+            }
+            (root / bits).mkdir()
+            clusters[bits] = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config).start()
+        result = {"args": vars(args), "variants": {}}
+        for bits in args.kv_bits:
+            peak, line = peak_running(args.model, args.models_dir, bits, args)
+            result["variants"][bits] = {"startup_log": line, "peak_running": peak, "tpot_ms": []}
+            print(f"kv_bits={bits}: peak running {peak}  ({line})", flush=True)
+        for _ in range(args.rounds):
+            for bits, c in clusters.items():
+                result["variants"][bits]["tpot_ms"].append(tpot_ms(c, args))
+        base = result["variants"][args.kv_bits[0]]
+        for bits, v in result["variants"].items():
+            v["tpot_ms_median"] = statistics.median(v["tpot_ms"])
+            v["peak_running_ratio"] = v["peak_running"] / base["peak_running"]
+            v["tpot_ratio"] = v["tpot_ms_median"] / statistics.median(base["tpot_ms"])
+            print(
+                f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x), TPOT c="
+                f"{args.concurrency} median {v['tpot_ms_median']:.2f} ms ({v['tpot_ratio']:.3f}x) "
+                f"runs {[round(t, 2) for t in v['tpot_ms']]}",
+                flush=True,
+            )
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+    finally:
+        for c in clusters.values():
+            c.stop()
+
+
+if __name__ == "__main__":
+    main()
