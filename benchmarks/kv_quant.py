@@ -24,6 +24,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.cluster import Cluster  # noqa: E402  (the same harness the tests use)
 
+BF16_HD128 = "test:llama-bf16-hd128"
+
+
+def _bf16_hd128(models_dir: str) -> str:
+    """A small random-weight bfloat16 llama with head_dim 128 (as 8B-class models have), built
+    with mlx-lm's functions as tests/test_checkpoints.py does: 16-bit KV sizes on a CPU."""
+    import dataclasses
+
+    from mlx_cluster.models.builtin import resolve_model_path
+    from tests.test_checkpoints import SPECS, build_checkpoint, silent_tokens
+
+    out = Path(models_dir) / "llama-bf16-hd128"
+    if not (out / "config.json").exists():
+        tokenizer_dir = Path(resolve_model_path("builtin:tiny", models_dir))
+        attn = {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 128}
+        spec = dataclasses.replace(SPECS["llama"], config={**SPECS["llama"].config, **attn}, quantize=None)
+        build_checkpoint(out, spec, tokenizer_dir, silent_tokens(tokenizer_dir))
+    return str(out)
+
+
+def _variant(name: str, args) -> tuple[int | None, int]:
+    """ "none", "8", "4" or "8g128": (kv_bits, kv_group_size)."""
+    bits, _, group = name.partition("g")
+    return (None if bits == "none" else int(bits)), int(group or args.kv_group_size)
+
 
 def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, str]:
     """How many sequences the real scheduler runs at once within the budget: an in-process
@@ -43,7 +68,8 @@ def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, 
     from mlx_cluster.models.loader import load_model_shard
 
     loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
-    cache_cfg = CacheSection(kv_bits=None if kv_bits == "none" else int(kv_bits), kv_group_size=args.kv_group_size)
+    bits, group = _variant(kv_bits, args)
+    cache_cfg = CacheSection(kv_bits=bits, kv_group_size=group)
     live = resolve_live_kv(cache_cfg, loaded.model)
     records = []
     handler = logging.Handler()
@@ -91,15 +117,21 @@ def tpot_ms(cluster: Cluster, args) -> float:
         "--json",
         "--no-progress",
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["tpot_ms"]["mean"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        report = json.loads(run.stdout)
+    except ValueError:
+        raise RuntimeError(f"bench failed ({run.returncode}): {run.stderr[-2000:]}") from None
+    if report["errors"]:
+        print(f"  {report['errors']} failed requests: {report['error_samples']}", flush=True)
+    return report["tpot_ms"]["mean"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="builtin:tiny")
+    p.add_argument("--model", default="builtin:tiny", help=f"builtin:NAME, a directory, or {BF16_HD128}")
     p.add_argument("--ranks", type=int, default=1)
-    p.add_argument("--kv-bits", nargs="+", default=["none", "8"])
+    p.add_argument("--kv-bits", nargs="+", default=["none", "8"], help="variants: none, 8, 4, or 8g128 (bits, group)")
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--max-kv-tokens", type=int, default=4096)
     p.add_argument("--max-batch-size", type=int, default=64)
@@ -108,34 +140,43 @@ def main() -> None:
     p.add_argument("--flood", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--num-requests", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="TPOT rounds; 0: capacity only, no servers")
     p.add_argument("--models-dir", default=str(Path("~/.cache/mlx-cluster/models").expanduser()))
     p.add_argument("--out")
     args = p.parse_args()
+    if args.model == BF16_HD128:
+        args.model = _bf16_hd128(args.models_dir)
 
     clusters = {}
     root = Path(tempfile.mkdtemp(prefix="kv_quant_bench_"))
+    result = {"args": vars(args), "variants": {}}
+    # Capacity first, in this process, before any server competes for the CPU.
+    for bits in args.kv_bits:
+        peak, line = peak_running(args.model, args.models_dir, bits, args)
+        result["variants"][bits] = {"startup_log": line, "peak_running": peak, "tpot_ms": []}
+        print(f"kv_bits={bits}: peak running {peak}  ({line})", flush=True)
     try:
-        for bits in args.kv_bits:
+        for bits in args.kv_bits if args.rounds else ():
+            kv_bits, group = _variant(bits, args)
             config = {
                 "model": {"path": args.model},
-                "cache": {"kv_bits": None if bits == "none" else int(bits), "kv_group_size": args.kv_group_size},
+                "cache": {"kv_bits": kv_bits, "kv_group_size": group},
                 "scheduler": {"max_kv_tokens": args.max_kv_tokens, "max_batch_size": args.max_batch_size},
+                # A loaded shared machine can stretch one step past the test harness's 10 s.
+                "supervisor": {"collective_timeout_s": 300},
             }
             (root / bits).mkdir()
             clusters[bits] = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config).start()
-        result = {"args": vars(args), "variants": {}}
-        for bits in args.kv_bits:
-            peak, line = peak_running(args.model, args.models_dir, bits, args)
-            result["variants"][bits] = {"startup_log": line, "peak_running": peak, "tpot_ms": []}
-            print(f"kv_bits={bits}: peak running {peak}  ({line})", flush=True)
         for _ in range(args.rounds):
             for bits, c in clusters.items():
                 result["variants"][bits]["tpot_ms"].append(tpot_ms(c, args))
         base = result["variants"][args.kv_bits[0]]
         for bits, v in result["variants"].items():
-            v["tpot_ms_median"] = statistics.median(v["tpot_ms"])
             v["peak_running_ratio"] = v["peak_running"] / base["peak_running"]
+            if not args.rounds:
+                print(f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x)")
+                continue
+            v["tpot_ms_median"] = statistics.median(v["tpot_ms"])
             v["tpot_ratio"] = v["tpot_ms_median"] / statistics.median(base["tpot_ms"])
             print(
                 f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x), TPOT c="
