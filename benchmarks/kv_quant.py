@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -99,6 +100,41 @@ def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, 
     return peak, records[-1]
 
 
+def decode_step_ms(model: str, models_dir: str, variants: list[str], args) -> dict[str, list[float]]:
+    """In-process decode step time at batch `--concurrency`, contexts --input-len .. + 64: the
+    executors of all variants built once, then timed in turns (`--step-rounds` x 32 steps each),
+    so a busy machine slows them alike. No HTTP, no streaming: the engine's own step."""
+    import mlx.core as mx
+
+    from mlx_cluster.cache.testing import greedy, make_executor
+    from mlx_cluster.config import CacheSection
+    from mlx_cluster.engine.kv_quant import resolve_live_kv
+    from mlx_cluster.engine.plan import NewSequence, StepPlan
+    from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.loader import load_model_shard
+
+    loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
+    prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.input_len)] for i in range(args.concurrency)]
+    executors = {}
+    for name in variants:
+        bits, group = _variant(name, args)
+        live = resolve_live_kv(CacheSection(kv_bits=bits, kv_group_size=group), loaded.model)
+        ex = make_executor(loaded, None, max_batch_size=args.concurrency, live_kv=live)
+        seqs = tuple(NewSequence(i + 1, tuple(p), greedy(100_000)) for i, p in enumerate(prompts))
+        ex.apply(StepPlan(step=0, new=seqs))
+        while len(ex.step()) < args.concurrency:
+            pass  # until every row decodes
+        executors[name] = ex
+    times = {name: [] for name in variants}
+    for _ in range(args.step_rounds):
+        for name, ex in executors.items():
+            started = time.perf_counter()
+            for _ in range(32):
+                ex.step()
+            times[name].append((time.perf_counter() - started) / 32 * 1000)
+    return times
+
+
 def tpot_ms(cluster: Cluster, args) -> float:
     cmd = [
         sys.executable,
@@ -141,6 +177,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--num-requests", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3, help="TPOT rounds; 0: capacity only, no servers")
+    p.add_argument("--step-rounds", type=int, default=0, help="also time the in-process decode step, in turns")
     p.add_argument("--models-dir", default=str(Path("~/.cache/mlx-cluster/models").expanduser()))
     p.add_argument("--out")
     args = p.parse_args()
@@ -149,12 +186,27 @@ def main() -> None:
 
     clusters = {}
     root = Path(tempfile.mkdtemp(prefix="kv_quant_bench_"))
-    result = {"args": vars(args), "variants": {}}
+    result = {"args": vars(args), "variants": {b: {} for b in args.kv_bits}}
+    base = args.kv_bits[0]
     # Capacity first, in this process, before any server competes for the CPU.
-    for bits in args.kv_bits:
+    for bits in args.kv_bits if args.flood else ():
         peak, line = peak_running(args.model, args.models_dir, bits, args)
-        result["variants"][bits] = {"startup_log": line, "peak_running": peak, "tpot_ms": []}
+        result["variants"][bits].update(startup_log=line, peak_running=peak)
         print(f"kv_bits={bits}: peak running {peak}  ({line})", flush=True)
+    for bits, v in result["variants"].items() if args.flood else ():
+        v["peak_running_ratio"] = v["peak_running"] / result["variants"][base]["peak_running"]
+        print(f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x)", flush=True)
+    if args.step_rounds:
+        steps = decode_step_ms(args.model, args.models_dir, args.kv_bits, args)
+        for bits, runs in steps.items():
+            v = result["variants"][bits]
+            v["decode_step_ms"] = runs
+            v["decode_step_ratio"] = statistics.median(runs) / statistics.median(steps[base])
+            print(
+                f"kv_bits={bits}: decode step at batch {args.concurrency} median {statistics.median(runs):.2f} ms "
+                f"({v['decode_step_ratio']:.3f}x) runs {[round(t, 2) for t in runs]}",
+                flush=True,
+            )
     try:
         for bits in args.kv_bits if args.rounds else ():
             kv_bits, group = _variant(bits, args)
@@ -169,19 +221,13 @@ def main() -> None:
             clusters[bits] = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config).start()
         for _ in range(args.rounds):
             for bits, c in clusters.items():
-                result["variants"][bits]["tpot_ms"].append(tpot_ms(c, args))
-        base = result["variants"][args.kv_bits[0]]
-        for bits, v in result["variants"].items():
-            v["peak_running_ratio"] = v["peak_running"] / base["peak_running"]
-            if not args.rounds:
-                print(f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x)")
-                continue
+                result["variants"][bits].setdefault("tpot_ms", []).append(tpot_ms(c, args))
+        for bits, v in result["variants"].items() if args.rounds else ():
             v["tpot_ms_median"] = statistics.median(v["tpot_ms"])
-            v["tpot_ratio"] = v["tpot_ms_median"] / statistics.median(base["tpot_ms"])
+            v["tpot_ratio"] = v["tpot_ms_median"] / statistics.median(result["variants"][base]["tpot_ms"])
             print(
-                f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x), TPOT c="
-                f"{args.concurrency} median {v['tpot_ms_median']:.2f} ms ({v['tpot_ratio']:.3f}x) "
-                f"runs {[round(t, 2) for t in v['tpot_ms']]}",
+                f"kv_bits={bits}: TPOT c={args.concurrency} median {v['tpot_ms_median']:.2f} ms "
+                f"({v['tpot_ratio']:.3f}x) runs {[round(t, 2) for t in v['tpot_ms']]}",
                 flush=True,
             )
         if args.out:

@@ -215,6 +215,7 @@ def test_models_that_cannot_use_it(checkpoints, caplog):
             assert resolve_live_kv(CacheSection(kv_bits=8, kv_group_size=32), loaded.model) is None
         assert why in caplog.text and "cache.kv_bits=8 still applies to stored prefix blocks" in caplog.text
         caplog.clear()
+        assert kv_budget(1000, loaded.model, None).tokens == 1000  # full precision: as configured
         with pytest.raises(ValueError, match=r"cache.live_kv_bits=8: .*" + why):
             resolve_live_kv(CacheSection(live_kv_bits=8, kv_group_size=32), loaded.model)
 

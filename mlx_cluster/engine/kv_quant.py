@@ -263,7 +263,9 @@ def per_token_bytes(model, live: LiveKV | None) -> tuple[int, int]:
     model(mx.array([[0]]), cache=caches)
     full = quant = 0
     for c in caches:
-        for x in (c.keys, c.values):
+        for x in (getattr(c, "keys", None), getattr(c, "values", None)):
+            if not isinstance(x, mx.array) or x.ndim != 4:
+                continue  # not a KV tensor (SSM state, a cache list): not counted
             _, heads, _, dim = x.shape
             full += heads * dim * x.dtype.size
             if live is not None:
@@ -339,6 +341,9 @@ def kv_budget(max_kv_tokens: int, model, live: LiveKV | None, rank: int = 0) -> 
     """Admission's token budget: `scheduler.max_kv_tokens` is memory sized in full-precision
     tokens, so a quantized cache fits proportionally more tokens in it. Logs what fits."""
     full, live_bytes = per_token_bytes(model, live)
+    if not full:
+        log.info("live KV cache on rank %d: size per token not measured; %d tokens admitted", rank, max_kv_tokens)
+        return KvBudget(max_kv_tokens, 0, 0)
     tokens = max_kv_tokens * full // live_bytes
     budget_mb = max_kv_tokens * full / 1e6
     if live is None:
