@@ -167,6 +167,9 @@ class CacheSection(_Strict):
     ram_gb: SizeGb = "auto"  # auto: a share of free memory (cache/sizing.py)
     kv_bits: Literal[4, 8] | None = None
     kv_group_size: Literal[32, 64, 128] = 64
+    # The running batch's KV: "auto" follows kv_bits (full precision, with a warning, on a model
+    # that cannot use it); null keeps it at full precision; 4 or 8 require it (engine/kv_quant.py).
+    live_kv_bits: Literal[4, 8, "auto"] | None = "auto"
     ssd: SsdSection = Field(default_factory=SsdSection)
 
 

@@ -29,12 +29,16 @@ class Namespace:
     kv_group_size: int
     block_size: int
     format_version: int = FORMAT_VERSION
+    # Blocks computed by a quantized live cache (engine/kv_quant.py) differ from full-precision
+    # ones; part of the digest only when set, so existing namespaces keep their digests.
+    live_kv_bits: int | None = None
 
     @property
     def digest(self) -> bytes:
         text = (
             f"mlx-cluster-kv|v{self.format_version}|{self.model_fingerprint}|tp{self.tp_size}|{self.dtype}"
             f"|bits{self.kv_bits or 0}|g{self.kv_group_size}|bs{self.block_size}"
+            + (f"|live{self.live_kv_bits}" if self.live_kv_bits else "")
         )
         return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
 
@@ -49,7 +53,7 @@ class Namespace:
             "kv_group_size": str(self.kv_group_size),
             "block_size": str(self.block_size),
             "namespace": self.digest.hex(),
-        }
+        } | ({"live_kv_bits": str(self.live_kv_bits)} if self.live_kv_bits else {})
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:

@@ -95,8 +95,10 @@ class PrefixCache:
         dtype: str,
         group=None,
         ssd_queue_size: int = 4096,
+        live=None,
     ):
-        """`config` is a CacheSection; `group` the model's group (its rank and size name the shard).
+        """`config` is a CacheSection; `group` the model's group (its rank and size name the shard);
+        `live` the live cache's quantization (an engine.kv_quant.LiveKV), which restores produce.
 
         Set `agree_min` to the control bus's agreement before restoring on several ranks.
         """
@@ -104,8 +106,15 @@ class PrefixCache:
         self.world_size = group.size() if group is not None else 1
         self.agree_min = list  # one rank agrees with itself; rank.py plugs in ControlBus.agree_min
         self.block_size = config.block_size
+        self.live = live
         self.namespace = Namespace(
-            fingerprint, self.world_size, dtype, config.kv_bits, config.kv_group_size, config.block_size
+            fingerprint,
+            self.world_size,
+            dtype,
+            config.kv_bits,
+            config.kv_group_size,
+            config.block_size,
+            live_kv_bits=live.bits if live is not None else None,
         )
         self.codec = BlockCodec(config.block_size, config.kv_bits, config.kv_group_size)
         self.ram = RamTier(ram_tier_bytes(config.ram_gb))
@@ -261,7 +270,7 @@ class PrefixCache:
             self.ram.stats.misses += sum(1 for _, _, from_ram in used if not from_ram)
             self._stats.restores += 1
             self._stats.restored_tokens += n * self.block_size
-            out.append((self.codec.decode([b for _, b, _ in used]), n * self.block_size))
+            out.append((self.codec.decode([b for _, b, _ in used], self.live), n * self.block_size))
         return out
 
     def _load_leading(self, ids: Sequence[bytes]) -> list[tuple[bytes, Block, bool]]:

@@ -52,8 +52,10 @@ def make_executor(
     max_batch_size: int = 8,
     prefill_chunk: int = 512,
     ssd_queue_size: int = 4096,
+    live_kv=None,
 ) -> Executor:
-    """An Executor on `loaded` with a PrefixCache (none when cache_cfg is None)."""
+    """An Executor on `loaded` with a PrefixCache (none when cache_cfg is None); `live_kv` (an
+    engine.kv_quant.LiveKV) quantizes its running batch's KV."""
     cache = None
     if cache_cfg is not None:
         cache = PrefixCache(
@@ -62,6 +64,7 @@ def make_executor(
             dtype=kv_dtype(loaded.model),
             group=group if group is not None else mx.distributed.init(),
             ssd_queue_size=ssd_queue_size,
+            live=live_kv,
         )
     vocab = loaded.config.get("vocab_size")
     return Executor(
@@ -71,6 +74,7 @@ def make_executor(
         prefill_batch_size=max_batch_size,
         prefill_chunk=prefill_chunk,
         prefix_cache=cache,
+        live_kv=live_kv,
     )
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_cluster.engine.plan import SamplingParams
 from mlx_cluster.models.lora import select_rows
@@ -277,10 +278,20 @@ class PromptBatch(PromptProcessingBatch):
 class Batcher(BatchGenerator):
     """mlx-lm's continuous batcher with DecodeBatch as its generation batch."""
 
-    def __init__(self, model, **kwargs):
+    def __init__(self, model, live_kv=None, **kwargs):
         super().__init__(model, **kwargs)
         self._generation_batch = DecodeBatch.adopt(self._generation_batch)
         self._prompt_batch.__class__ = PromptBatch
+        self.live_kv = live_kv  # a kv_quant.LiveKV: sequences get quantized caches (engine/kv_quant.py)
+        self._n_layers = len(make_prompt_cache(model))
+
+    def insert_segments(self, segments, max_tokens=None, caches=None, *args, **kwargs):
+        if self.live_kv is not None:
+            caches = [
+                c if c is not None else self.live_kv.empty_caches(self._n_layers)
+                for c in caches or [None] * len(segments)
+            ]
+        return super().insert_segments(segments, max_tokens, caches, *args, **kwargs)
 
     def _make_batch(self, n: int):
         batch = super()._make_batch(n)

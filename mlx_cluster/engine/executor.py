@@ -59,10 +59,12 @@ class Executor:
         prefill_chunk: int,
         stream=None,
         prefix_cache=None,
+        live_kv=None,
     ):
         self.vocab_size = vocab_size
         self.generator = Batcher(
             model,
+            live_kv=live_kv,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),
             prefill_step_size=prefill_chunk,

@@ -96,6 +96,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
+    from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
     from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
@@ -127,6 +128,8 @@ def build_engine(ctx: RankContext, stream):
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
     constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
     sched = cfg.scheduler
+    live_kv = resolve_live_kv(cfg.cache, loaded.model)  # quantized live KV, or None (engine/kv_quant.py)
+    budget = kv_budget(sched.max_kv_tokens, loaded.model, live_kv, ctx.rank)
     executor = Executor(
         loaded.model,
         vocab_size=vocab_size,
@@ -134,11 +137,12 @@ def build_engine(ctx: RankContext, stream):
         prefill_batch_size=sched.prefill_batch_size,
         prefill_chunk=sched.prefill_chunk_tokens,
         stream=stream,
+        live_kv=live_kv,
     )
     warmup(executor, token_id=0)
     executor.stats.__init__()
     # Attached after the warmup so its throwaway sequence stores nothing.
-    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group)
+    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
     adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
@@ -163,7 +167,7 @@ def build_engine(ctx: RankContext, stream):
             max_new_per_step=sched.prefill_batch_size,
             max_queue=sched.max_queue,
             prefix_cache=prefix_cache,
-            max_kv_tokens=sched.max_kv_tokens,
+            max_kv_tokens=budget.tokens,
         )
         ctx.frontend = frontend
         if adapters is not None:
@@ -197,14 +201,16 @@ def build_engine(ctx: RankContext, stream):
     return engine
 
 
-def make_prefix_cache(cache_cfg, loaded, group):
+def make_prefix_cache(cache_cfg, loaded, group, live_kv=None):
     """The prefix cache for this rank's shard, or None when the model's cache cannot be cut into blocks."""
     from mlx_cluster.cache import PrefixCache, kv_dtype, supports_prefix_cache
 
     if not supports_prefix_cache(loaded.model):
         log.warning("prefix caching is off: this model's KV cache is not a plain per-layer KVCache")
         return None
-    cache = PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
+    cache = PrefixCache(
+        cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group, live=live_kv
+    )
     cache.calibrate()
     return cache
 

@@ -258,7 +258,7 @@ def submit(state, stream: RequestStream, turn: Turn) -> None:
         raise APIError(
             400,
             f"prompt + max_tokens ({(len(prompt) + params.max_tokens) * n} tokens for n={n}) "
-            f"exceeds this server's KV budget of {state.config.scheduler.max_kv_tokens} tokens",
+            f"exceeds this server's KV budget of {frontend.max_kv_tokens} tokens",
             param="max_tokens",
             code="context_length_exceeded",
         )
