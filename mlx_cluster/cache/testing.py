@@ -51,6 +51,7 @@ def make_executor(
     max_batch_size: int = 8,
     prefill_chunk: int = 512,
     ssd_queue_size: int = 4096,
+    speculator=None,
 ) -> Executor:
     """An Executor on `loaded` with a PrefixCache (none when cache_cfg is None)."""
     cache = None
@@ -70,6 +71,7 @@ def make_executor(
         prefill_batch_size=max_batch_size,
         prefill_chunk=prefill_chunk,
         prefix_cache=cache,
+        speculator=speculator,
     )
 
 

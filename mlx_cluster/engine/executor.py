@@ -58,10 +58,13 @@ class Executor:
         prefill_chunk: int,
         stream=None,
         prefix_cache=None,
+        speculator=None,
     ):
         self.vocab_size = vocab_size
+        self.speculator = speculator  # engine/speculate.py, or None
         self.generator = Batcher(
             model,
+            speculator=speculator,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),
             prefill_step_size=prefill_chunk,

@@ -92,6 +92,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
+    from mlx_cluster.engine.speculate import make_speculator
     from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
@@ -124,6 +125,8 @@ def build_engine(ctx: RankContext, stream):
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
     constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
     sched = cfg.scheduler
+    # Every rank builds the same speculator (a draft model whole on each): proposals need no bus.
+    speculator = make_speculator(cfg.speculative, loaded.tokenizer, vocab_size, cfg.model.builtin_dir)
     executor = Executor(
         loaded.model,
         vocab_size=vocab_size,
@@ -131,9 +134,12 @@ def build_engine(ctx: RankContext, stream):
         prefill_batch_size=sched.prefill_batch_size,
         prefill_chunk=sched.prefill_chunk_tokens,
         stream=stream,
+        speculator=speculator,
     )
     warmup(executor, token_id=0)
     executor.stats.__init__()
+    if speculator is not None:
+        speculator.reset_stats()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group)
 
@@ -164,6 +170,7 @@ def build_engine(ctx: RankContext, stream):
         state.frontend = frontend
         state.prefix_cache = prefix_cache
         state.bus_stats = bus.stats
+        state.speculator = speculator
         context = loaded.config.get("max_position_embeddings") or 4096
         state.limits = Limits(
             context_length=context,
