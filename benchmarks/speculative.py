@@ -42,6 +42,27 @@ def workloads(vocab: int, n: int, seed: int) -> dict[str, list[list[int]]]:
     }
 
 
+def forward_costs(model, widths=(1, 2, 3, 5), context: int = 64, reps: int = 10) -> dict[int, float]:
+    """What a verify forward costs against a plain one: where matmuls are compute-bound (a CPU
+    with a reference BLAS) a width-W forward costs about W plain ones, and speculation has
+    little to gain; where they are bandwidth-bound (a GPU at batch 1) it costs about one."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[5] * context]), cache=cache))
+    best = {}
+    for _ in range(3):
+        for w in widths:
+            x = mx.array([[7] * w])
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                mx.eval(model(x, cache=cache))
+                for c in cache:
+                    c.trim(w)
+            best[w] = min(best.get(w, 1e9), time.perf_counter() - t0)
+    return {w: round(best[w] / best[1], 2) for w in widths}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:tiny")
@@ -70,7 +91,8 @@ def main() -> None:
     for ex in executors.values():  # warm up compiles (both widths)
         generate(ex, [loads["repetitive"][0]], 16)
 
-    results: dict = {}
+    results: dict = {"forward_cost_by_width": forward_costs(loaded.model)}
+    print("forward time of width W / width 1:", results["forward_cost_by_width"], flush=True)
     for name, prompts in loads.items():
         times = {"off": [], "on": []}
         tokens = {"off": 0, "on": 0}
@@ -79,10 +101,14 @@ def main() -> None:
         identical = True
         for _ in range(args.repeats):
             for mode in ("off", "on"):
-                t0 = time.perf_counter()
-                outs = [generate(executors[mode], [p], args.max_tokens)[0].tokens for p in prompts]
-                times[mode].append(time.perf_counter() - t0)
-                tokens[mode] = sum(len(o) for o in outs)
+                outs, decode_s = [], 0.0
+                for p in prompts:  # decode time only: from the first token (prefill excluded) to the last
+                    t0 = time.perf_counter()
+                    [r] = generate(executors[mode], [p], args.max_tokens)
+                    decode_s += time.perf_counter() - t0 - r.ttft_s
+                    outs.append(r.tokens)
+                times[mode].append(decode_s)
+                tokens[mode] = sum(len(o) - 1 for o in outs)
                 if mode == "off":
                     plain = outs
                 else:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -377,14 +376,21 @@ def make_speculator(section, target_tokenizer, vocab_size: int, builtin_dir: str
     if section.method == "ngram":
         proposer = NgramProposer(section.prompt_lookup_min, section.prompt_lookup_max)
     else:
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
         from mlx_lm.utils import load
 
         from mlx_cluster.models.builtin import resolve_model_path
 
         path = resolve_model_path(section.draft_model, builtin_dir)
-        if not path.startswith("builtin:") and not Path(path).expanduser().exists() and "/" not in path:
-            raise DraftModelError(f"speculative.draft_model {section.draft_model!r}: no such directory")
-        model, tokenizer = load(path)
+        try:
+            model, tokenizer = load(path)
+        except Exception as e:  # a missing directory, an unknown repo, an unsupported architecture
+            raise DraftModelError(f"speculative.draft_model {section.draft_model!r}: cannot load it ({e})") from e
+        if not can_trim_prompt_cache(make_prompt_cache(model)):
+            raise DraftModelError(
+                f"speculative.draft_model {section.draft_model!r}: its cache cannot be rolled back "
+                "(sliding-window or recurrent layers); choose a draft model with plain attention"
+            )
         check_same_vocab(target_tokenizer, tokenizer, section.draft_model)
         proposer = DraftProposer(model, vocab_size)
         log.info("draft model %s loaded whole on this rank", section.draft_model)
