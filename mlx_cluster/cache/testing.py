@@ -1,7 +1,8 @@
 """Engine-level helpers for prefix-cache tests and measurements (no HTTP, no bus).
 
-They drive an `Executor` the way the engine does on rank 0: plan_sequence at admission,
-apply(plan), step() until the sequences finish.
+They drive an `Executor` the way the engine does on rank 0: look the prompts up (SSD reads
+start), hold them while the cost model says the reads are worth waiting for, plan the restores
+at admission, apply(plan), step() until the sequences finish.
 
     loaded = load_tiny(models_dir)
     ex = make_executor(loaded, cache_config(tmp_path))
@@ -79,7 +80,7 @@ def make_executor(
 class Result:
     tokens: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    ttft_s: float = 0.0  # from apply() to the first token: prefill time, restore included
+    ttft_s: float = 0.0  # from lookup to the first token: SSD reads, restore and prefill included
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -88,18 +89,25 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 def new_sequences(executor: Executor, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[NewSequence]:
     """NewSequences as rank 0's frontend would admit them (restore_blocks planned)."""
+    from mlx_cluster.cache.restore_planner import RestorePlanner
+
     seqs = [NewSequence(next(_seq_ids), tuple(p), greedy(max_tokens)) for p in prompts]
     if executor.prefix_cache is not None:
-        seqs = [executor.prefix_cache.plan_sequence(s) for s in seqs]
+        planner = RestorePlanner(executor.prefix_cache)
+        for s in seqs:
+            planner.arrived(s)
+        while any(planner.held(s) for s in seqs):
+            time.sleep(0.0005)
+        seqs = [planner.admitted(s) for s in seqs]
     return seqs
 
 
 def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_tokens: int = 8) -> list[Result]:
     """Run greedy generations to completion in one batch; results in prompt order. Sequences
     already in the executor keep running alongside (their tokens are ignored here)."""
+    t0 = time.perf_counter()
     seqs = new_sequences(executor, prompts, max_tokens)
     results = {s.seq_id: Result() for s in seqs}
-    t0 = time.perf_counter()
     executor.apply(StepPlan(step=0, new=tuple(seqs)))
     open_ids = set(results)
     while open_ids:

@@ -49,6 +49,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from mlx_cluster.models.lora import select_rows
+
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_STEPS = 32
@@ -256,6 +258,7 @@ class Speculator:
         n = len(last)
         width = 1 + max(len(p) for p in proposals)
         inputs = [[y, *p] + [y] * (width - 1 - len(p)) for y, p in zip(last, proposals)]
+        select_rows(batch.model, [getattr(r, "adapter", 0) for r in batch.samplers])  # each row's LoRA adapter
         logits = batch.model(mx.array(inputs, dtype=mx.uint32), cache=batch.prompt_cache)
         first = logits[:, 0, :]
         token_context = []

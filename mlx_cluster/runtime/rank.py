@@ -34,6 +34,8 @@ class RankContext:
         # The plan link's address (rank 0 listens there); the variable kept its first name.
         self.plan_link_addr = environ.get("MLX_CLUSTER_DOORBELL", "127.0.0.1:0")
         self.bus_token = environ.get("MLX_CLUSTER_BUS_TOKEN", "")
+        self.status_link_addr = environ.get("MLX_CLUSTER_STATUS_LINK", "")
+        self.restarts = int(environ.get("MLX_CLUSTER_RESTARTS", "0"))
         http_fd = environ.get("MLX_CLUSTER_HTTP_FD")
         self.http_fd = int(http_fd) if http_fd else None
         parent = environ.get("MLX_CLUSTER_PARENT_PID")
@@ -44,6 +46,7 @@ class RankContext:
         self.state = None  # ServerState on rank 0
         self.frontend = None
         self.engine = None
+        self.status = None  # runtime/status_link.py RankStatus
         self.uvicorn_server = None
         self.exit_code = 0
 
@@ -89,6 +92,7 @@ def build_engine(ctx: RankContext, stream):
 
     from mlx_cluster import constrain
     from mlx_cluster.agent.formats import marker_token_ids
+    from mlx_cluster.engine.adapters import AdapterScheduler, attach_adapters
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
@@ -97,7 +101,9 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
     from mlx_cluster.models.loader import load_model_shard
+    from mlx_cluster.models.lora import linear_layouts
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
+    from mlx_cluster.runtime.status_link import RankStatus
     from mlx_cluster.server.generation import Limits
     from mlx_cluster.server.turn import make_agent_setup
 
@@ -105,11 +111,7 @@ def build_engine(ctx: RankContext, stream):
     t0 = time.monotonic()
     path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
     loaded = load_model_shard(
-        path,
-        ctx.group,
-        revision=cfg.model.revision,
-        adapter_path=cfg.model.adapter_path,
-        trust_remote_code=cfg.model.trust_remote_code,
+        path, ctx.group, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     log.info(
         "loaded %s shard %d/%d in %.1f s (%.1f MB read)",
@@ -119,6 +121,7 @@ def build_engine(ctx: RankContext, stream):
         time.monotonic() - t0,
         loaded.bytes_read / 1e6,
     )
+    layouts = linear_layouts(loaded.model, ctx.group, loaded.shard_specs)  # before fusion: LoRA sharding
     # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
     # MoE experts and other shapes are left as they are).
     log.info("fused %d projection groups", fuse_projections(loaded.model))
@@ -142,14 +145,21 @@ def build_engine(ctx: RankContext, stream):
         speculator.reset_stats()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group)
+    adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
     link = PlanLink(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
-    link.connect()
     sup = cfg.supervisor
+    # Per-rank reports for the dashboard travel on their own link, never on the lock-step plan link.
+    ctx.status = RankStatus(
+        ctx.rank, ctx.world_size, ctx.status_link_addr, ctx.bus_token, sup.heartbeat_s, sup.startup_timeout_s
+    )
+    link.connect()
+    ctx.status.joined()
     bus = ControlBus(link, silence_timeout_s=sup.collective_timeout_s)
     if prefix_cache is not None:
         prefix_cache.agree_min = bus.agree_min
+    executor.agree_min = bus.agree_min
 
     frontend = None
     if ctx.rank == 0:
@@ -162,7 +172,10 @@ def build_engine(ctx: RankContext, stream):
             max_kv_tokens=sched.max_kv_tokens,
         )
         ctx.frontend = frontend
+        if adapters is not None:
+            frontend.adapter_scheduler = AdapterScheduler(adapters)
         state = ctx.state
+        state.adapters = adapters
         state.tokenizer = loaded.tokenizer
         state.agent = agent = make_agent_setup(cfg.model, loaded.tokenizer, vocab_size)
         # Tool-call and think markers may be special tokens; the parsers must see them in the text.
@@ -181,6 +194,12 @@ def build_engine(ctx: RankContext, stream):
         )
     engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
+    on_report = None
+    if ctx.state is not None:
+        from mlx_cluster.server.status import attach_status
+
+        on_report = attach_status(ctx.state, ctx.status.board, ctx.restarts)
+    ctx.status.start(engine, on_report)
     mx.synchronize()
     return engine
 
@@ -192,7 +211,9 @@ def make_prefix_cache(cache_cfg, loaded, group):
     if not supports_prefix_cache(loaded.model):
         log.warning("prefix caching is off: this model's KV cache is not a plain per-layer KVCache")
         return None
-    return PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
+    cache = PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
+    cache.calibrate()
+    return cache
 
 
 def engine_thread_main(ctx: RankContext) -> None:
@@ -236,6 +257,8 @@ def engine_thread_main(ctx: RankContext) -> None:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if ctx.status is not None:
+            ctx.status.close()
         if ctx.uvicorn_server is not None:
             ctx.uvicorn_server.should_exit = True
 
@@ -279,6 +302,9 @@ def serve_http(ctx: RankContext) -> None:
     from mlx_cluster.server.metrics import Metrics
 
     ctx.state.metrics = Metrics(ctx.config.model.served_name)
+    from mlx_cluster.server.tracing import make_request_tracer
+
+    ctx.state.metrics.tracer = make_request_tracer(ctx.config.server.otlp_endpoint, ctx.config.cluster.name)
     app = create_app(ctx.state)
     server_cfg = ctx.config.server
     kwargs = {"fd": ctx.http_fd} if ctx.http_fd is not None else {"host": server_cfg.host, "port": server_cfg.port}

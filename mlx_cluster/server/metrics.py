@@ -125,6 +125,10 @@ class Metrics:
             )
         }
         self.cache_extra = None  # set by the prefix cache: a callable adding its own samples
+        from mlx_cluster.server.status import RankGauges
+
+        self.tracer = None  # set when server.otlp_endpoint is (server/tracing.py)
+        self.ranks = RankGauges(self)  # every rank's figures from its status reports (server/status.py)
 
     # ---- per request (HTTP side, asyncio thread) ---------------------------------------
     def request_started(self, prompt_len: int) -> None:
@@ -146,6 +150,8 @@ class Metrics:
         if getattr(stream, "counted", False):
             return
         stream.counted = True
+        if self.tracer is not None:  # server/tracing.py: one OpenTelemetry trace per request
+            self.tracer.request_finished(stream, outcome)
         m = self.model_name
         now = time.monotonic()
         if outcome != "ok":
@@ -194,6 +200,9 @@ class Metrics:
             values += (s.acceptance_rate, s.mean_acceptance_length)
             for gauge, value in zip(self.spec.values(), values):
                 gauge.labels(m).set(value)
+        cluster_status = getattr(state, "cluster_status", None)
+        if cluster_status is not None:  # every rank's figures, from their status reports
+            cluster_status.scrape(self)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _cache_samples(self, stats) -> None:
