@@ -35,9 +35,10 @@ pauses when the batch has more than `max_batch_size` rows, when a layer's cache 
 pipelined plain step runs).
 
 Dynamic K, per row: a row starts at K proposals; all accepted -> one more (up to K), a
-rejection -> as many as were accepted plus one. A row whose proposals are all rejected, or
-that has no proposal, sits out 1, 2, 4 .. 32 steps (reset by an accepted proposal), so on
-free-form text the batch runs plain, pipelined steps and pays little for looking.
+rejection -> as many as were accepted plus one. A row whose running acceptance rate (halved
+weight per verify) falls below 0.5, or that has no proposal, sits out 1, 2, 4 .. 32 steps
+(reset once its rate recovers), so on free-form text the batch runs plain, pipelined steps and
+pays little for looking.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from mlx_cluster.models.lora import select_rows
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_STEPS = 32
+MIN_ACCEPTANCE = 0.5  # a row whose running acceptance rate falls below this sits out a while
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _RowState:
     k: int  # proposals to ask for next time
     wait: int = 0  # steps to sit out before looking again
     backoff: int = 1  # the next wait after a miss
+    rate: float = 1.0  # running acceptance rate (accepted / proposed, decaying by half per verify)
 
 
 # ---------------------------------------------------------------------------
@@ -243,13 +246,14 @@ class Speculator:
         s.backoff = min(2 * s.backoff, MAX_BACKOFF_STEPS)
 
     def _adapt(self, s: _RowState, proposed: int, accepted: int) -> None:
+        s.rate = 0.5 * s.rate + 0.5 * accepted / proposed
         if accepted == proposed:
             s.k = min(self.num_tokens, s.k + 1)
         else:
             s.k = max(1, accepted + 1)
-        if accepted:
+        if s.rate >= MIN_ACCEPTANCE:
             s.backoff = 1
-        else:
+        else:  # mostly rejected lately (free-form text): a wider forward would not pay for itself
             self._miss(s)
 
     def _verify(self, batch, last: list[int], proposals: list[list[int]], states: list[_RowState]) -> list:
