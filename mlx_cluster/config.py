@@ -184,6 +184,27 @@ class SupervisorSection(_Strict):
     startup_timeout_s: float = Field(600, gt=0)
 
 
+class SpeculativeSection(_Strict):
+    """Speculative decoding (engine/speculate.py): proposals verified in one forward of the batch."""
+
+    method: Literal["ngram", "draft"]
+    num_tokens: int = Field(4, ge=1, le=16)  # most proposals per row and step (K); dynamic per row below it
+    draft_model: str | None = None  # method: draft: a local mlx-lm directory, HF repo id or builtin:NAME
+    max_batch_size: int = Field(8, ge=1, le=1024)  # speculation pauses while more rows run
+    prompt_lookup_min: int = Field(2, ge=1, le=16)  # method: ngram: shortest suffix looked up
+    prompt_lookup_max: int = Field(4, ge=1, le=16)  # method: ngram: longest suffix looked up
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> SpeculativeSection:
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative.draft_model is required with method: draft (a model with the same tokenizer)")
+        if self.method == "ngram" and self.draft_model:
+            raise ValueError("speculative.draft_model is only used with method: draft; remove it or set method: draft")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative.prompt_lookup_min must be at most speculative.prompt_lookup_max")
+        return self
+
+
 class AdapterEntry(_Strict):
     """A LoRA adapter served under its own name (requests choose it with "model")."""
 
@@ -201,6 +222,7 @@ class ClusterConfig(_Strict):
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     cache: CacheSection = Field(default_factory=CacheSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    speculative: SpeculativeSection | None = None  # off when absent
     adapters: list[AdapterEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -53,6 +53,7 @@ def make_executor(
     prefill_chunk: int = 512,
     ssd_queue_size: int = 4096,
     live_kv=None,
+    speculator=None,
 ) -> Executor:
     """An Executor on `loaded` with a PrefixCache (none when cache_cfg is None); `live_kv` (an
     engine.kv_quant.LiveKV) quantizes its running batch's KV."""
@@ -75,6 +76,7 @@ def make_executor(
         prefill_chunk=prefill_chunk,
         prefix_cache=cache,
         live_kv=live_kv,
+        speculator=speculator,
     )
 
 

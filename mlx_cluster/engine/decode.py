@@ -133,6 +133,8 @@ class _RowArrays:
 class DecodeBatch(GenerationBatch):
     """mlx-lm's generation batch with one batched sampler (see the module docstring)."""
 
+    speculator = None  # an engine.speculate.Speculator: set on the batcher's running batch only
+
     def __init__(self, *args, **kwargs):
         self._rows: _RowArrays | None = None  # built on the first step, then follows filter/extend
         super().__init__(*args, **kwargs)  # runs the first _step when there are rows
@@ -158,6 +160,13 @@ class DecodeBatch(GenerationBatch):
         rows = self._rows
         super().filter(keep)
         self._rows = rows.take(keep) if rows is not None and keep else None
+
+    def next(self):
+        if self.speculator is not None and self.uids:
+            responses = self.speculator.step(self)  # several tokens per row, or None: a plain step
+            if responses is not None:
+                return responses
+        return super().next()
 
     def _step(self):
         self._current_tokens = self._next_tokens
@@ -278,9 +287,10 @@ class PromptBatch(PromptProcessingBatch):
 class Batcher(BatchGenerator):
     """mlx-lm's continuous batcher with DecodeBatch as its generation batch."""
 
-    def __init__(self, model, live_kv=None, **kwargs):
+    def __init__(self, model, live_kv=None, speculator=None, **kwargs):
         super().__init__(model, **kwargs)
         self._generation_batch = DecodeBatch.adopt(self._generation_batch)
+        self._generation_batch.speculator = speculator
         self._prompt_batch.__class__ = PromptBatch
         self.live_kv = live_kv  # a kv_quant.LiveKV: sequences get quantized caches (engine/kv_quant.py)
         self._n_layers = len(make_prompt_cache(model))

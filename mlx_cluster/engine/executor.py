@@ -60,11 +60,14 @@ class Executor:
         stream=None,
         prefix_cache=None,
         live_kv=None,
+        speculator=None,
     ):
         self.vocab_size = vocab_size
+        self.speculator = speculator  # engine/speculate.py, or None
         self.generator = Batcher(
             model,
             live_kv=live_kv,
+            speculator=speculator,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),
             prefill_step_size=prefill_chunk,

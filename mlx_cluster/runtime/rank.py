@@ -97,6 +97,7 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
     from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
+    from mlx_cluster.engine.speculate import make_speculator
     from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
@@ -130,6 +131,8 @@ def build_engine(ctx: RankContext, stream):
     sched = cfg.scheduler
     live_kv = resolve_live_kv(cfg.cache, loaded.model)  # quantized live KV, or None (engine/kv_quant.py)
     budget = kv_budget(sched.max_kv_tokens, loaded.model, live_kv, ctx.rank)
+    # Every rank builds the same speculator (a draft model whole on each): proposals need no bus.
+    speculator = make_speculator(cfg.speculative, loaded.tokenizer, vocab_size, cfg.model.builtin_dir)
     executor = Executor(
         loaded.model,
         vocab_size=vocab_size,
@@ -138,9 +141,12 @@ def build_engine(ctx: RankContext, stream):
         prefill_chunk=sched.prefill_chunk_tokens,
         stream=stream,
         live_kv=live_kv,
+        speculator=speculator,
     )
     warmup(executor, token_id=0)
     executor.stats.__init__()
+    if speculator is not None:
+        speculator.reset_stats()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
     adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
@@ -181,6 +187,7 @@ def build_engine(ctx: RankContext, stream):
         state.frontend = frontend
         state.prefix_cache = prefix_cache
         state.bus_stats = bus.stats
+        state.speculator = speculator
         context = loaded.config.get("max_position_embeddings") or 4096
         state.limits = Limits(
             context_length=context,

@@ -68,6 +68,7 @@ class ServerState:
     metrics: object | None = None
     prefix_cache: object | None = None  # rank 0's PrefixCache (None when caching is off)
     bus_stats: object | None = None
+    speculator: object | None = None  # rank 0's engine/speculate.py Speculator (None when off)
     wedged_after_s: float = 30.0
     agent: object | None = None  # server/turn.py AgentSetup: tool / reasoning formats, grammar compiler
     responses: object | None = None  # server/responses.py ResponseStore

@@ -114,6 +114,16 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self.spec = {  # speculative decoding, vLLM's spec_decode names, from rank 0's speculator
+            key: Gauge(P + "spec_decode_" + key, doc, L, registry=r)
+            for key, doc in (
+                ("num_drafts_total", "Row verifications with at least one proposed token."),
+                ("num_draft_tokens_total", "Proposed (draft) tokens verified by the target model."),
+                ("num_accepted_tokens_total", "Proposed tokens the target model accepted."),
+                ("acceptance_rate", "Accepted / proposed tokens since start (0-1)."),
+                ("mean_acceptance_length", "Tokens emitted per row verification: 1 + accepted / drafts."),
+            )
+        }
         self.cache_extra = None  # set by the prefix cache: a callable adding its own samples
         from mlx_cluster.server.status import RankGauges
 
@@ -183,6 +193,13 @@ class Metrics:
             self.bus_messages.labels(m, "0").set(bus.messages)
             self.bus_device_syncs.labels(m, "0").set(bus.device_syncs)
             self.bus_plans.labels(m, "0").set(bus.plans)
+        speculator = getattr(state, "speculator", None)
+        if speculator is not None:
+            s = speculator.stats
+            values = (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens)
+            values += (s.acceptance_rate, s.mean_acceptance_length)
+            for gauge, value in zip(self.spec.values(), values):
+                gauge.labels(m).set(value)
         cluster_status = getattr(state, "cluster_status", None)
         if cluster_status is not None:  # every rank's figures, from their status reports
             cluster_status.scrape(self)
