@@ -92,6 +92,7 @@ class Supervisor:
         import json
         from pathlib import Path
 
+        from mlx_cluster.launcher.layout import plan_text
         from mlx_cluster.models.builtin import resolve_model_path
         from mlx_cluster.models.loader import check_tensor_parallel
 
@@ -106,7 +107,9 @@ class Supervisor:
         if not config_file.is_file():
             return  # a Hugging Face id or a remote-only path: the ranks resolve it
         try:
-            check_tensor_parallel(json.loads(config_file.read_text()), self.placement.world_size)
+            check_tensor_parallel(json.loads(config_file.read_text()), 1)  # shard() support checked at load
+            # The tensor x pipeline layout, checked and shown before anything starts.
+            self.say("placement:\n" + plan_text(self.config, path, self.placement.world_size))
         except ValueError as e:
             raise ConfigError(f"model {model.path}: {e}") from None
 
