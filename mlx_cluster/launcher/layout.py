@@ -23,6 +23,7 @@ transfers. Layouts whose tensor size does not divide the heads are skipped.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,14 +183,25 @@ def _stage_counts(config, facts: ModelFacts, tensor: int, pipeline: int) -> tupl
     return split_layers(facts.num_layers, [1.0] * pipeline), "layers split evenly"
 
 
+def _tensor_misfit(config, facts: ModelFacts, tensor: int, pipeline: int) -> str:
+    world = tensor * pipeline
+    dims = [(facts.kv_heads, "{} KV heads"), (facts.heads, "{} attention heads")]
+    dims += [(facts.intermediate, "an MLP intermediate size of {}")] if facts.intermediate else []
+    common = math.gcd(*(v for v, _ in dims))
+    value, what = next((v, w) for v, w in dims if v % tensor)
+    divisors = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+    fits = [t for t in range(1, world + 1) if world % t == 0 and tensor_fits(facts, t)]
+    key = "cluster.parallel" if config.cluster.parallel is not None else "cluster.parallel (default: all tensor)"
+    return (
+        f"{key}: tensor={tensor}: model has {what.format(value)}, which {tensor} ranks cannot split evenly; "
+        f"use a tensor size that divides {common} ({divisors}), the rest as pipeline stages: e.g. "
+        f"cluster.parallel: {{tensor: {max(fits)}, pipeline: {world // max(fits)}}} (or parallel: auto)"
+    )
+
+
 def make_layout(config, facts: ModelFacts, tensor: int, pipeline: int, reason: str = "") -> Layout:
     if not tensor_fits(facts, tensor):
-        fitting = [t for t in range(1, tensor * pipeline + 1) if (tensor * pipeline) % t == 0 and tensor_fits(facts, t)]
-        raise LayoutError(
-            f"cluster.parallel.tensor={tensor}: the model has {facts.heads} attention heads, {facts.kv_heads} KV heads "
-            f"and an MLP of {facts.intermediate}, which {tensor} ranks cannot split evenly; tensor sizes that fit "
-            f"{tensor * pipeline} ranks: {fitting} (the rest goes to pipeline:)"
-        )
+        raise LayoutError(_tensor_misfit(config, facts, tensor, pipeline))
     if pipeline > facts.num_layers:
         raise LayoutError(f"cluster.parallel.pipeline={pipeline}: the model has only {facts.num_layers} layers")
     counts, how = _stage_counts(config, facts, tensor, pipeline) if pipeline > 1 else ([facts.num_layers], "")

@@ -141,7 +141,9 @@ def _layer_owner(model: nn.Module) -> nn.Module:
     if not isinstance(layers, list) or not layers:
         raise ValueError(f"model {type(model).__module__} has no layer list: it cannot be pipelined")
     for _, module in model.named_modules():
-        if module.get("layers") is layers:
+        # The list itself, or (mlx-lm's PipelineMixin: model.layers is a slice) the list it slices.
+        own = module.get("layers")
+        if own is layers or (isinstance(own, list) and len(own) >= len(layers) and any(x is layers[0] for x in own)):
             return module
     raise ValueError(f"model {type(model).__module__}: cannot find the module that owns its layers")
 
