@@ -47,6 +47,19 @@ class ClusterSection(_Strict):
     # None: all tensor parallel (as before); auto: measured at start-up (launcher/layout.py)
     parallel: ParallelSection | Literal["auto"] | None = None
 
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _parallel(cls, v: Any) -> Any:
+        # One message naming the key instead of one per member of the union.
+        if v is None or v == "auto" or isinstance(v, ParallelSection):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("must be auto or {tensor: T, pipeline: P}")
+        try:
+            return ParallelSection.model_validate(v)
+        except ValidationError as e:
+            raise ValueError(f"{_first_message(e)}; write {{tensor: T, pipeline: P}} or auto") from None
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:

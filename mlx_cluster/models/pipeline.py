@@ -104,11 +104,13 @@ def split_layers(num_layers: int, weights: list[float]) -> list[int]:
     if any(w <= 0 for w in weights):
         raise ValueError("every stage needs a positive weight")
     total = sum(weights)
-    spare = num_layers - stages  # every stage gets one layer first
-    exact = [w / total * spare for w in weights]
-    counts = [1 + int(e) for e in exact]
-    order = sorted(range(stages), key=lambda i: (-(exact[i] - int(exact[i])), i))
-    for i in order[: num_layers - sum(counts)]:
+    exact = [w / total * num_layers for w in weights]
+    counts = [max(1, int(e)) for e in exact]
+    rest = [e - int(e) for e in exact]
+    while sum(counts) > num_layers:  # the at-least-one rule overshot: take from the largest
+        i = max((i for i in range(stages) if counts[i] > 1), key=lambda i: (counts[i], -rest[i]))
+        counts[i] -= 1
+    for i in sorted(range(stages), key=lambda i: (-rest[i], i))[: num_layers - sum(counts)]:
         counts[i] += 1
     return counts
 
