@@ -67,7 +67,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_ours(model: str, ranks: int, workdir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_ours(model: str, ranks: int, workdir: Path, max_batch: int, parallel=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = {
         "cluster": {"name": f"bench-{port}", "run_dir": str(workdir / "runs"), "base_port": free_port()},
@@ -79,6 +79,8 @@ def start_ours(model: str, ranks: int, workdir: Path, max_batch: int) -> tuple[s
         # earlier start would turn later repeats into cache hits the anchor cannot have.
         "cache": {"ssd": {"dir": str(workdir / f"kv-{port}")}},
     }
+    if parallel is not None:  # cluster.parallel: {tensor, pipeline} or auto
+        cfg["cluster"]["parallel"] = parallel
     path = workdir / f"bench-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
