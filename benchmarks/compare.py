@@ -81,6 +81,8 @@ def start_ours(model: str, ranks: int, workdir: Path, max_batch: int, parallel=N
     }
     if parallel is not None:  # cluster.parallel: {tensor, pipeline} or auto
         cfg["cluster"]["parallel"] = parallel
+    if backend is not None:
+        cfg["cluster"]["backend"] = backend
     path = workdir / f"bench-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(

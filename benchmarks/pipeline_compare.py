@@ -2,6 +2,8 @@
 
     python benchmarks/pipeline_compare.py --preset tiny --layouts T2 P2 --concurrency 8 --repeats 3
     python benchmarks/pipeline_compare.py --preset tiny --layouts T2 P3 --concurrency 8   # 3 vs 2 ranks
+    NCCL_NVLS_ENABLE=0 python benchmarks/pipeline_compare.py --preset 8b --backend nccl --layouts T2 P2 T1 \
+        --concurrency 1 8 32 --input-len 512 --output-len 128                           # 2 GPUs
 
 A layout is T<n> (n ranks, all tensor), P<n> (n pipeline stages), T<a>xP<b> (hybrid) or
 auto<n> (n ranks, parallel: auto). Layouts alternate (A, B, A, B, ...) for each concurrency so
@@ -50,6 +52,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--backend", default=None, help="cluster.backend (nccl on NVIDIA GPUs; default ring)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -66,7 +69,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for layout in args.layouts:
                 ranks, parallel = parse_layout(layout)
-                proc, url = start_ours(model, ranks, workdir, args.max_batch, parallel)
+                proc, url = start_ours(model, ranks, workdir, args.max_batch, parallel, args.backend)
                 try:
                     wait_up(url, proc)
                     r = bench(url, model, concurrency, args)

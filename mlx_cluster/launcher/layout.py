@@ -123,14 +123,14 @@ class ModelFacts:
 
         text = model_config.get("text_config") or {}
 
-        def get(key, default=None):
-            return model_config.get(key, text.get(key, default))
+        def get(key) -> int:
+            value = model_config.get(key, text.get(key))
+            return value if isinstance(value, int) and value > 0 else 0
 
-        layers = int(get("num_hidden_layers"))
-        hidden = int(get("hidden_size"))
-        heads = int(get("num_attention_heads"))
-        kv_heads = int(get("num_key_value_heads") or heads)
-        head_dim = int(get("head_dim") or hidden // heads)
+        # Missing sizes (non-transformer configs) are 0: no check, no estimate.
+        layers, hidden, heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
+        kv_heads = get("num_key_value_heads") or heads
+        head_dim = get("head_dim") or (hidden // heads if heads else 0)
         per_layer = [0] * layers
         other = 0
         if model_dir is not None:
@@ -150,7 +150,7 @@ class ModelFacts:
 
 
 def tensor_fits(facts: ModelFacts, tensor: int) -> bool:
-    dims = [facts.heads, facts.kv_heads] + ([facts.intermediate] if facts.intermediate else [])
+    dims = [d for d in (facts.heads, facts.kv_heads, facts.intermediate) if d]
     return all(d % tensor == 0 for d in dims)
 
 
@@ -186,7 +186,8 @@ def _stage_counts(config, facts: ModelFacts, tensor: int, pipeline: int) -> tupl
 def _tensor_misfit(config, facts: ModelFacts, tensor: int, pipeline: int) -> str:
     world = tensor * pipeline
     dims = [(facts.kv_heads, "{} KV heads"), (facts.heads, "{} attention heads")]
-    dims += [(facts.intermediate, "an MLP intermediate size of {}")] if facts.intermediate else []
+    dims += [(facts.intermediate, "an MLP intermediate size of {}")]
+    dims = [(v, w) for v, w in dims if v]
     common = math.gcd(*(v for v, _ in dims))
     value, what = next((v, w) for v, w in dims if v % tensor)
     divisors = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
