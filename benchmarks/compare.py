@@ -67,7 +67,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_ours(model: str, ranks: int, workdir: Path, max_batch: int, parallel=None) -> tuple[subprocess.Popen, str]:
+def start_ours(
+    model: str, ranks: int, workdir: Path, max_batch: int, parallel=None, backend: str | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = {
         "cluster": {"name": f"bench-{port}", "run_dir": str(workdir / "runs"), "base_port": free_port()},
