@@ -96,6 +96,27 @@ def start_ours(
     return proc, f"http://127.0.0.1:{port}"
 
 
+def bench_ours(model: str, ranks: int, workdir: Path, concurrency: int, args, parallel=None, backend=None) -> dict:
+    """Start mlx-cluster, run one load, stop it; the load generator's JSON result."""
+    proc, url = start_ours(model, ranks, workdir, args.max_batch, parallel, backend)
+    try:
+        wait_up(url, proc)
+        return bench(url, model, concurrency, args)
+    finally:
+        stop(proc)
+
+
+def summary_row(r: dict) -> dict:
+    """The numbers the side-by-side scripts keep of one load-generator result."""
+    return {
+        "output_tok_s": r["output_throughput_tok_s"],
+        "ttft_p50_ms": r["ttft_ms"]["p50"],
+        "tpot_p50_ms": r["tpot_ms"]["p50"],
+        "completion_tokens": r.get("total_output_tokens", 0),
+        "errors": r["errors"],
+    }
+
+
 def start_anchor(model: str, ranks: int, workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port)]

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench, start_ours, stop, wait_up  # noqa: E402
+from compare import bench_ours, summary_row  # noqa: E402
 
 KEYS = ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms")
 
@@ -69,21 +69,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             for layout in args.layouts:
                 ranks, parallel = parse_layout(layout)
-                proc, url = start_ours(model, ranks, workdir, args.max_batch, parallel, args.backend)
-                try:
-                    wait_up(url, proc)
-                    r = bench(url, model, concurrency, args)
-                finally:
-                    stop(proc)
-                row = {
-                    "layout": layout,
-                    "concurrency": concurrency,
-                    "repeat": repeat,
-                    "output_tok_s": r["output_throughput_tok_s"],
-                    "ttft_p50_ms": r["ttft_ms"]["p50"],
-                    "tpot_p50_ms": r["tpot_ms"]["p50"],
-                    "errors": r["errors"],
-                }
+                r = bench_ours(model, ranks, workdir, concurrency, args, parallel, args.backend)
+                row = {"layout": layout, "concurrency": concurrency, "repeat": repeat, **summary_row(r)}
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
     summary = []

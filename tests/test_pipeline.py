@@ -28,10 +28,10 @@ from tests.test_faults import (
     up_past_the_window,
     wait_restarted,
 )
+from tests.test_multirank import PROMPTS, complete
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Hello there", "Write a haiku about clusters.", "1 2 3 4 5 6", "Why is the sky blue?"]
 SUPERVISOR = {
     "max_restarts": 20,
     "collective_timeout_s": TIMEOUT_S,
@@ -59,18 +59,6 @@ def hybrid(tmp_path_factory, models_dir):
     config = {"cluster": {"parallel": {"tensor": 2, "pipeline": 2}}}
     with Cluster(tmp_path_factory.mktemp("hybrid"), ranks=4, models_dir=models_dir, config=config) as cluster:
         yield cluster
-
-
-def complete(cluster, prompt, **kw):
-    r = cluster.openai().completions.create(
-        model="builtin:tiny",
-        prompt=prompt,
-        max_tokens=kw.pop("max_tokens", 16),
-        extra_body={"ignore_eos": True},
-        logprobs=0,
-        **kw,
-    )
-    return r.choices[0].logprobs.tokens
 
 
 def test_auto_picks_three_stages_and_says_why(three):
