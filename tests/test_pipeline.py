@@ -84,6 +84,17 @@ def test_three_ranks_batched_are_token_identical_to_one(one, three):
     assert together == alone * 2
 
 
+def test_prefix_cache_hits_restore_each_stage_its_own_layers(one, three):
+    """Cached blocks are per rank (its layers only); a hit must give the tokens of a cold start."""
+    prompt = "The cluster serves every rank the same plan. " * 6
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    cold = three.post("/v1/completions", body).json()
+    warm = three.post("/v1/completions", body).json()
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] >= warm["usage"]["prompt_tokens"] - 16
+    reference = one.post("/v1/completions", body).json()["choices"][0]["text"]
+    assert cold["choices"][0]["text"] == warm["choices"][0]["text"] == reference
+
+
 def test_tensor_two_by_pipeline_two_is_token_identical_to_one(one, hybrid):
     assert "layout: tensor=2 x pipeline=2 (layers per stage: 0-1, 2-3)" in hybrid.output()
     alone = [complete(one, p, temperature=0) for p in PROMPTS]

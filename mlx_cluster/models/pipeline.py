@@ -123,12 +123,13 @@ def stage_ranges(counts: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple(bounds)
 
 
-def layout_fingerprint(fingerprint: str, layout: Layout, rank: int) -> str:
-    """The model fingerprint, extended with what this rank holds (prefix-cache blocks differ)."""
+def layout_fingerprint(fingerprint: str, layout: Layout) -> str:
+    """The model fingerprint, extended with the layout when it is pipelined: the same on every
+    rank (block ids must match across ranks), different for another cut of the layers (a
+    rank's stored KV blocks hold its own layers only)."""
     if not layout.is_pipelined:
         return fingerprint
-    start, end = layout.layers_of(rank)
-    text = f"{fingerprint}|pp|t{layout.tensor}|layers{start}-{end}"
+    text = f"{fingerprint}|tensor{layout.tensor}|stages{list(layout.stages)}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -103,6 +103,6 @@ def load_stage(path: str, layout: Layout, rank: int, group, **kwargs):
     view = GroupView(layout.tensor_rank(rank), layout.tensor)
     loaded = load_model_shard(path, view, after_shard=keep_stage_layers, **kwargs)
     wire_stage(loaded.model, layout, rank, group)
-    loaded.fingerprint = layout_fingerprint(loaded.fingerprint, layout, rank)
+    loaded.fingerprint = layout_fingerprint(loaded.fingerprint, layout)
     log.info("stage %d of %d: layers %d-%d", layout.stage_of(rank), layout.pipeline, start, end - 1)
     return loaded
