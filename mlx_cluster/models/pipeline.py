@@ -154,13 +154,12 @@ def _layer_owner(model: nn.Module) -> nn.Module:
 def check_pipelinable(model: nn.Module) -> None:
     owner = _layer_owner(model)
     for name in _POSITIONAL_LAYER_MAPS:
-        for m in (owner,):
-            if getattr(m, name, None) is not None:
-                raise ValueError(
-                    f"model type {type(model).__module__.rsplit('.', 1)[-1]} maps layers by position ({name}); "
-                    "pipeline parallelism supports models whose forward pass is a plain loop over their layers "
-                    "(llama, qwen2/3, qwen3_moe, mistral, deepseek_v3, ...); use cluster.parallel: {pipeline: 1}"
-                )
+        if getattr(owner, name, None) is not None:
+            raise ValueError(
+                f"model type {type(model).__module__.rsplit('.', 1)[-1]} maps layers by position ({name}); "
+                "pipeline parallelism supports models whose forward pass is a plain loop over their layers "
+                "(llama, qwen2/3, qwen3_moe, mistral, deepseek_v3, ...); use cluster.parallel: {pipeline: 1}"
+            )
 
 
 def drop_other_layers(model: nn.Module, start: int, end: int) -> None:
@@ -185,19 +184,16 @@ def _reductions(layer: nn.Module) -> list[int]:
     return sizes
 
 
-def _retarget_groups(layer: nn.Module, group) -> int:
-    """Point every sharded module of ``layer`` at ``group``; returns how many modules use one."""
-    count = 0
+def _retarget_groups(layer: nn.Module, group) -> None:
+    """Point every sharded module of ``layer`` at ``group`` (the world: see the module docstring)."""
     for _, m in layer.named_modules():
         if hasattr(m, "group") and not isinstance(m.group, (mx.array, list, dict)):
             object.__setattr__(m, "group", group)
-            count += 1
         elif hasattr(m, "sharding_group"):
             raise ValueError(
                 f"{type(m).__name__} reduces over its own group: hybrid tensor x pipeline on a backend without "
                 "group splitting supports dense layers only; use cluster.parallel: {tensor: 1} or {pipeline: 1}"
             )
-    return count
 
 
 @dataclass
@@ -291,11 +287,11 @@ def _reindex(owner: nn.Module, start: int, end: int) -> None:
         owner.swa_idx = sliding[0] if sliding else None
 
 
-def wire_stage(model: nn.Module, layout: Layout, rank: int, group, reductions_per_layer: int | None = None) -> None:
+def wire_stage(model: nn.Module, layout: Layout, rank: int, group) -> None:
     """Keep only this rank's layers in the model's layer list and add the stage edges.
 
-    ``reductions_per_layer``: for hybrid layouts, how many hidden-size all_sums each layer does
-    (measured on this rank's own layers; identical for every rank of a uniform model).
+    Hybrid layouts count the hidden-size all_sums of this rank's own layers and assume every
+    stage's layers do as many (uniform dense layers; anything else is refused above).
     """
     owner = _layer_owner(model)
     start, end = layout.layers_of(rank)
@@ -309,18 +305,16 @@ def wire_stage(model: nn.Module, layout: Layout, rank: int, group, reductions_pe
 
     ghosts: list[int] = []
     if layout.tensor > 1:
-        hidden = None
         per_layer = set()
         for layer in own:
             sizes = _reductions(layer)
             _retarget_groups(layer, group)
             per_layer.add(len(sizes))
-            hidden = hidden or (sizes[0] if sizes else None)
             if any(s != sizes[0] for s in sizes):
                 raise ValueError("hybrid parallelism needs every reduction of a layer to be hidden-size")
         if len(per_layer) != 1:
             raise ValueError("hybrid parallelism needs the same number of reductions in every layer")
-        n = reductions_per_layer if reductions_per_layer is not None else per_layer.pop()
+        n = per_layer.pop()
         ghosts = [n * (b - a) for a, b in layout.stages]
     edges = _Edges(
         group=group,
