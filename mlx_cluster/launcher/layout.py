@@ -116,6 +116,7 @@ class ModelFacts:
     intermediate: int
     layer_bytes: tuple[int, ...]  # weight bytes of each transformer layer
     other_bytes: int  # embedding, final norm, head: held by every rank
+    later_stage_saving: int = 0  # an untied embedding's bytes: later pipeline stages do not hold it
 
     @classmethod
     def of(cls, model_config: dict, model_dir: Path | None) -> ModelFacts:
@@ -132,7 +133,8 @@ class ModelFacts:
         kv_heads = get("num_key_value_heads") or heads
         head_dim = get("head_dim") or (hidden // heads if heads else 0)
         per_layer = [0] * layers
-        other = 0
+        other = embedding = 0
+        untied = False
         if model_dir is not None:
             for name, info in read_checkpoint(Path(model_dir)).items():
                 match = _LAYER_NAME.search(name)
@@ -140,9 +142,10 @@ class ModelFacts:
                     per_layer[int(match.group(1))] += info.nbytes
                 else:
                     other += info.nbytes
-        return cls(
-            layers, hidden, heads, kv_heads, head_dim, int(get("intermediate_size") or 0), tuple(per_layer), other
-        )
+                    embedding += info.nbytes if "embed_tokens" in name else 0
+                    untied = untied or "lm_head" in name
+        saving = embedding if untied else 0
+        return cls(layers, hidden, heads, kv_heads, head_dim, get("intermediate_size"), tuple(per_layer), other, saving)
 
     @property
     def weight_bytes(self) -> int:
@@ -287,6 +290,8 @@ def rank_plans(config, facts: ModelFacts, layout: Layout, kv_dtype_bytes: int = 
         kv_heads = facts.kv_heads // layout.tensor
         per_token = 2 * (end - start) * kv_heads * facts.head_dim * kv_dtype_bytes
         weights = facts.other_bytes + sum(facts.layer_bytes[start:end]) // layout.tensor
+        if layout.is_pipelined and layout.stage_of(rank) > 0:
+            weights -= facts.later_stage_saving
         plans.append(
             RankPlan(
                 rank=rank,

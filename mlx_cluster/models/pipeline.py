@@ -173,6 +173,35 @@ def drop_other_layers(model: nn.Module, start: int, end: int) -> None:
             layers[i] = nn.Module()
 
 
+class _ZeroEmbedding(nn.Module):
+    """A later stage's stand-in for the token embedding: the right shape and dtype, no weights.
+
+    Later stages replace the embedding's output with what the previous stage sends, so with an
+    untied head they need not hold (or read) the vocabulary x hidden table at all.
+    """
+
+    def __init__(self, hidden: int, dtype):
+        super().__init__()
+        self._shape = (hidden,)
+        self._dtype = dtype
+
+    def __call__(self, inputs: mx.array) -> mx.array:
+        return mx.zeros((*inputs.shape, *self._shape), dtype=self._dtype)
+
+
+def drop_embedding(model: nn.Module) -> bool:
+    """On a stage after the first, replace an untied embedding with _ZeroEmbedding; True if done."""
+    owner = _layer_owner(model)
+    embedding = owner.get("embed_tokens") if isinstance(owner, dict) else None
+    tied = "lm_head" not in model  # no head of its own: the embedding is the head (or unknown: keep it)
+    if not isinstance(embedding, (nn.Embedding, nn.QuantizedEmbedding)) or tied:
+        return False
+    dtype = embedding.scales.dtype if isinstance(embedding, nn.QuantizedEmbedding) else embedding.weight.dtype
+    hidden = embedding.weight.shape[-1] * (32 // embedding.bits if isinstance(embedding, nn.QuantizedEmbedding) else 1)
+    owner.embed_tokens = _ZeroEmbedding(hidden, dtype)
+    return True
+
+
 def _reductions(layer: nn.Module) -> list[int]:
     """Output sizes of the all_sums a tensor-sharded layer does per call (hybrid layouts)."""
     from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear

@@ -27,6 +27,7 @@ from mlx_cluster.models.pipeline import (
     GroupView,
     Layout,
     check_pipelinable,
+    drop_embedding,
     drop_other_layers,
     layout_fingerprint,
     wire_stage,
@@ -99,6 +100,8 @@ def load_stage(path: str, layout: Layout, rank: int, group, **kwargs):
     def keep_stage_layers(model):
         check_pipelinable(model)
         drop_other_layers(model, start, end)
+        if layout.stage_of(rank) > 0 and drop_embedding(model):
+            log.info("stage %d does not hold the token embedding (the head is untied)", layout.stage_of(rank))
 
     view = GroupView(layout.tensor_rank(rank), layout.tensor)
     loaded = load_model_shard(path, view, after_shard=keep_stage_layers, **kwargs)
