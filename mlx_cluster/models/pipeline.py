@@ -202,6 +202,21 @@ def drop_embedding(model: nn.Module) -> bool:
     return True
 
 
+def activation_dtype(model: nn.Module):
+    """The hidden states' dtype, read from weights every rank holds (the final norm), so that
+    every rank agrees; otherwise the first floating parameter (as the prefix cache does)."""
+    from mlx.utils import tree_flatten
+
+    norm = getattr(_layer_owner(model), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, mx.array) and mx.issubdtype(weight.dtype, mx.floating):
+        return weight.dtype
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return p.dtype
+    return mx.float32
+
+
 def _reductions(layer: nn.Module) -> list[int]:
     """Output sizes of the all_sums a tensor-sharded layer does per call (hybrid layouts)."""
     from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
@@ -234,7 +249,7 @@ class _Edges:
     pipeline: int
     sender: bool  # tensor rank 0 of its stage: contributes the stage's hidden state
     ghost_reductions: list[int] = field(default_factory=list)  # per stage: all_sums of its layers (hybrid)
-    dtype: object = None
+    dtype: object = None  # of every hand-off: the same on every rank, or the all_sums would not match
 
     def _sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group)
@@ -254,7 +269,6 @@ class _Edges:
 
     def before(self, x: mx.array) -> mx.array:
         """Run the earlier stages' collectives; returns the hidden state the previous stage sent."""
-        self.dtype = x.dtype  # the embedding's output: the same dtype on every rank
         for k in range(self.stage):
             x = self._ghosts(k, x)
             x = self._boundary(k, x, mine=False)
@@ -345,7 +359,11 @@ def wire_stage(model: nn.Module, layout: Layout, rank: int, group) -> None:
             raise ValueError("hybrid parallelism needs the same number of reductions in every layer")
         n = per_layer.pop()
         ghosts = [n * (b - a) for a, b in layout.stages]
+    dtype = activation_dtype(model)
+    if isinstance(owner.get("embed_tokens"), _ZeroEmbedding):
+        owner.embed_tokens._dtype = dtype
     edges = _Edges(
+        dtype=dtype,
         group=group,
         stage=layout.stage_of(rank),
         pipeline=layout.pipeline,
