@@ -4,6 +4,8 @@
 #   openssh-server  sshd, run inside network namespaces by tests/netns.py
 #   openssh-client  ssh-keygen, for the test host and client keys
 #   iproute2        `ip netns`, `ip link` for the namespaces, veths and bridge
+#   chromium        the headless browser tests/test_dashboard.py drives (the dashboard, playground)
+#   chromium-driver chromedriver, through which selenium drives it
 #
 # Idempotent and quiet: does nothing when everything is there, runs `apt-get update`
 # only when something has to be installed. On a machine without apt, or when not root,
@@ -15,6 +17,8 @@ declare -A wanted=(
   [openssh-server]=/usr/sbin/sshd
   [openssh-client]=/usr/bin/ssh-keygen
   [iproute2]=/usr/sbin/ip
+  [chromium]=/usr/bin/chromium
+  [chromium-driver]=/usr/bin/chromedriver
 )
 
 missing=()
@@ -27,11 +31,11 @@ if [[ ${#missing[@]} -eq 0 ]]; then
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
-  echo "install-system-deps: not root, not installing ${missing[*]} (the SSH/netns tests will skip)"
+  echo "install-system-deps: not root, not installing ${missing[*]} (the SSH/netns and browser tests will skip)"
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-system-deps: no apt-get here, not installing ${missing[*]} (the SSH/netns tests will skip)"
+  echo "install-system-deps: no apt-get here, not installing ${missing[*]} (the SSH/netns and browser tests will skip)"
   exit 0
 fi
 

@@ -1,4 +1,4 @@
-"""The `mlx-cluster` command: up, down, status, logs, serve, bench, hostfile, plan, make-model.
+"""The `mlx-cluster` command: up, down, status, top, logs, serve, bench, hostfile, plan, make-model.
 
 Each subcommand imports its module only when run, so `mlx-cluster bench` never loads MLX
 and `mlx-cluster status` answers instantly.
@@ -57,6 +57,12 @@ def cmd_status(args) -> int:
     return status(_load(args), as_json=args.json)
 
 
+def cmd_top(args) -> int:
+    from mlx_cluster.launcher.status_view import top
+
+    return top(_load(args), interval_s=args.interval)
+
+
 def cmd_logs(args) -> int:
     from mlx_cluster.launcher.control import logs
 
@@ -77,8 +83,10 @@ def cmd_hostfile(args) -> int:
 
 
 def cmd_make_model(args) -> int:
+    from mlx_cluster.launcher.progress import show_progress_of_this_process
     from mlx_cluster.models.builtin import make_model
 
+    show_progress_of_this_process()  # a bar on a terminal, plain lines otherwise
     path = make_model(args.dir, args.preset)
     print(path)
     return 0
@@ -116,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="live full-screen view of every rank and the running requests")
+    _add_config_args(p)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("logs", help="show the per-rank logs of a cluster")
     _add_config_args(p)

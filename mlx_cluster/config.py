@@ -11,10 +11,10 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Backend = Literal["ring", "jaccl", "jaccl-ring", "nccl", "mpi"]
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -111,6 +111,7 @@ class ModelSection(_Strict):
     name: str | None = None  # the id clients send as "model"; defaults to path
     builtin_dir: str = "~/.cache/mlx-cluster/models"
     trust_remote_code: bool = False
+    max_adapters: int = Field(8, ge=0, le=256)  # LoRA adapter slots (adapter_path, adapters:, runtime loads)
     tool_parser: str = "auto"  # auto | none | an mlx-lm tool parser (json_tools/hermes, mistral, ...)
     reasoning_parser: str = "auto"  # auto | none | think | qwen3 | deepseek_r1
 
@@ -154,6 +155,7 @@ class ServerSection(_Strict):
     # /v1/responses keeps stored responses (for previous_response_id and GET) in rank 0's memory
     responses_store_max: int = Field(1000, ge=0, le=1_000_000)  # 0 turns storing off
     responses_store_ttl_s: float = Field(3600.0, gt=0)
+    otlp_endpoint: str | None = None  # OTLP/HTTP traces endpoint; needs the `otel` extra (server/tracing.py)
 
 
 class SchedulerSection(_Strict):
@@ -167,9 +169,20 @@ class SchedulerSection(_Strict):
     max_kv_tokens: int = Field(65536, ge=256)  # live KV budget: prompt + max_tokens reserved per sequence
 
 
+def _size_gb(value: Any) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError("must be a size in decimal GB (a number >= 0) or auto")
+
+
+SizeGb = Annotated[float | str, BeforeValidator(_size_gb)]
+
+
 class SsdSection(_Strict):
     dir: str = "~/.cache/mlx-cluster/kv"
-    max_gb: float = Field(20, ge=0)
+    max_gb: SizeGb = "auto"  # auto: a share of free disk (cache/sizing.py)
     ttl_days: float = Field(7, gt=0)
     enabled: bool = True
     policy: Literal["write_back", "write_through"] = "write_back"
@@ -177,9 +190,12 @@ class SsdSection(_Strict):
 
 class CacheSection(_Strict):
     block_size: int = Field(16, ge=1, le=4096)
-    ram_gb: float = Field(2, ge=0)
+    ram_gb: SizeGb = "auto"  # auto: a share of free memory (cache/sizing.py)
     kv_bits: Literal[4, 8] | None = None
     kv_group_size: Literal[32, 64, 128] = 64
+    # The running batch's KV: "auto" follows kv_bits (full precision, with a warning, on a model
+    # that cannot use it); null keeps it at full precision; 4 or 8 require it (engine/kv_quant.py).
+    live_kv_bits: Literal[4, 8, "auto"] | None = "auto"
     ssd: SsdSection = Field(default_factory=SsdSection)
 
 
@@ -194,6 +210,13 @@ class SupervisorSection(_Strict):
     startup_timeout_s: float = Field(600, gt=0)
 
 
+class AdapterEntry(_Strict):
+    """A LoRA adapter served under its own name (requests choose it with "model")."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")
+    path: str
+
+
 class ClusterConfig(_Strict):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     hosts: list[HostSection] | None = None
@@ -204,6 +227,21 @@ class ClusterConfig(_Strict):
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     cache: CacheSection = Field(default_factory=CacheSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> ClusterConfig:
+        names = [a.name for a in self.adapters]
+        for name in names:
+            if name == self.model.served_name or names.count(name) > 1:
+                raise ValueError(f"adapters: the name {name!r} is used twice (adapters and model.name must differ)")
+        slots = len(self.adapters) + (self.model.adapter_path is not None)
+        if slots > self.model.max_adapters:
+            raise ValueError(
+                f"adapters: {slots} adapters need {slots} slots but model.max_adapters is {self.model.max_adapters}; "
+                "raise model.max_adapters"
+            )
+        return self
 
     @model_validator(mode="after")
     def _hosts_or_hostfile(self) -> ClusterConfig:
@@ -286,7 +324,7 @@ def _describe(err: dict) -> str:
         return f"unknown key {where!r}: remove it or check its spelling (see docs/configuration.md)"
     if err["type"] == "literal_error":
         return f"{where}: {err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def parse_config(data: Any, source: str = "cluster.yaml") -> ClusterConfig:

@@ -310,14 +310,18 @@ def test_adapter(model_dirs, tmp_path):
     assert mx.allclose(single.model(PROMPT), reference_model(PROMPT), atol=1e-5).item()
     assert single.fingerprint != model_fingerprint(model_dir)
 
-    # Two ranks: the fused q_proj rows and o_proj columns of the ranks tile the fused weight.
-    loader._fuse_adapters(single.model)
-    fused = dict(tree_flatten(single.model.parameters()))
+    # Two ranks, unfused: q_proj (column-parallel) keeps A whole and splits B's output columns;
+    # o_proj (row-parallel) splits A's input rows and keeps B whole, as its base weight is split.
     ranks = [load_model_shard(str(model_dir), FakeGroup(r, 2), adapter_path=str(adapter)) for r in range(2)]
-    params = [dict(tree_flatten(r.model.parameters())) for r in ranks]
-    q, o = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"
-    assert mx.allclose(mx.concatenate([p[q] for p in params], axis=0), fused[q], atol=1e-6).item()
-    assert mx.allclose(mx.concatenate([p[o] for p in params], axis=1), fused[o], atol=1e-6).item()
+    layers = [dict(r.model.named_modules()) for r in ranks]
+    q, o = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"
+    a_q, b_q = weights[f"{q}.lora_a"], weights[f"{q}.lora_b"]
+    a_o, b_o = weights[f"{o}.lora_a"], weights[f"{o}.lora_b"]
+    for m in layers:
+        assert mx.array_equal(m[q]["lora_a"][1], a_q) and mx.array_equal(m[o]["lora_b"][1], b_o)
+    assert mx.array_equal(mx.concatenate([m[q]["lora_b"][1] for m in layers], axis=1), b_q)
+    assert mx.array_equal(mx.concatenate([m[o]["lora_a"][1] for m in layers], axis=0), a_o)
+    assert all(not m[q]["lora_a"][0].any().item() for m in layers), "slot 0 is no adapter"
 
 
 # --- checks, fingerprint, paths ---------------------------------------------

@@ -1,6 +1,7 @@
 """The prefix cache on a real two-rank cluster, over HTTP: cold, RAM hit and SSD hit (after a
 restart) give token-identical greedy output; a worker whose SSD lost blocks still agrees with
-rank 0 on what to restore; concurrent requests share a prefix."""
+rank 0 on what to restore; concurrent requests share a prefix; a tool-using agent session
+reuses >= 90% of its prompt from its second turn on, also after a restart."""
 
 import json
 import shutil
@@ -11,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_cluster.cache.hashing import block_hash, restorable_blocks
+from mlx_cluster.cache.hashing import FORMAT_VERSION, block_hash, restorable_blocks
 from tests.cluster import Cluster
+from tests.test_agent_chat import TOOLS
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +54,7 @@ def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir, tiny_mod
         assert all(u["prompt_tokens_details"]["cached_tokens"] > 0 for _, u in together)
         stats = httpx.get(cluster.url + "/admin/cache", timeout=10).json()
         assert stats["ram"]["hits"] > 0
-    rank_dirs = sorted(kv.glob("*/tp2/rank*"))
+    rank_dirs = sorted(kv.glob("v*/*/tp2/rank*"))
     assert [d.name for d in rank_dirs] == ["rank0", "rank1"]
     assert all(list(d.glob("*.safetensors")) for d in rank_dirs)
 
@@ -107,6 +109,61 @@ def test_other_tp_size_gets_no_hits(tmp_path, models_dir):
         one, usage = ask(cluster, "Isolation?")
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0
         assert one == two
-    assert sorted(p.name for p in next(kv.iterdir()).iterdir()) == ["tp1", "tp2"]
+    assert sorted(p.name for p in next((kv / f"v{FORMAT_VERSION}").iterdir()).iterdir()) == ["tp1", "tp2"]
     shutil.rmtree(kv)
     assert not Path(kv).exists()
+
+
+AGENT_SYSTEM = (
+    "You are the on-call agent of a small inference cluster. Use the tools to look things up before "
+    "you answer, keep answers short, quote numbers with their units, and never guess a value a tool "
+    "can give you. "
+) * 12
+
+
+def agent_turn(client, messages: list, turn: int) -> float:
+    """One turn of the loop an agent runs; appends the reply (and tool results) to `messages`;
+    returns the fraction of the prompt served from the prefix cache."""
+    reply = client.chat.completions.create(
+        model="builtin:tiny",
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="required" if turn % 2 == 0 else "auto",
+        max_tokens=120 if turn % 2 == 0 else 12,
+        temperature=0,
+    )
+    msg = reply.choices[0].message
+    messages.append(msg.model_dump(exclude_none=True))
+    for call in msg.tool_calls or []:
+        result = {"temperature_c": 20 + turn, "observed_at": f"2026-12-02T0{turn}:00:00Z"}
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    if not msg.tool_calls:
+        messages.append({"role": "user", "content": f"Thanks. And what about city number {turn}?"})
+    usage = reply.usage
+    return usage.prompt_tokens_details.cached_tokens / usage.prompt_tokens
+
+
+def test_agent_session_reuses_its_prompt_on_two_ranks_and_after_a_restart(tmp_path, models_dir):
+    cfg = {"cache": {"ssd": {"dir": str(tmp_path / "kv")}}}  # default policy: RAM flushed to SSD at stop
+    messages = [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": "Weather in Paris?"}]
+    with Cluster(tmp_path / "a", ranks=2, models_dir=models_dir, config=cfg) as cluster:
+        client = cluster.openai()
+        ratios = [agent_turn(client, messages, turn) for turn in range(5)]
+        # Every rank's tiers reach rank 0 (status reports): /admin/cache and /metrics.
+        cluster.wait_for(
+            lambda: (
+                [r["ram"]["blocks"] for r in httpx.get(cluster.url + "/admin/cache", timeout=10).json()["ranks"]]
+                == [httpx.get(cluster.url + "/admin/cache", timeout=10).json()["ram"]["blocks"]] * 2
+            ),
+            30,
+            "both ranks' RAM tiers in /admin/cache (mirrored: the same blocks)",
+        )
+        for rank in ("0", "1"):
+            assert cluster.metric("mlx_cluster_rank_prefix_cache_bytes", rank=rank, tier="ram") > 0
+            assert cluster.metric("mlx_cluster_rank_prefix_cache_cost_seconds", rank=rank, figure="prefill_block_s") > 0
+    assert ratios[0] == 0 and all(r >= 0.9 for r in ratios[1:]), ratios
+    with Cluster(tmp_path / "b", ranks=2, models_dir=models_dir, config=cfg) as cluster:
+        after_restart = agent_turn(cluster.openai(), messages, 5)
+        stats = httpx.get(cluster.url + "/admin/cache", timeout=10).json()
+    assert after_restart >= 0.9, after_restart
+    assert stats["ssd"]["prefetch_adopted"] > 0  # read ahead from SSD, not on the engine thread

@@ -4,6 +4,7 @@ and the cached-token count the frontend reports is what was actually restored.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -150,20 +151,40 @@ def test_concurrent_request_reuses_a_prompt_still_generating(loaded, tmp_path):
     ex.prefix_cache.close()
 
 
-def test_damaged_ssd_block_restores_fewer_tokens_and_says_so(loaded, baseline, tmp_path):
+def on_ssd_only(loaded, tmp_path):
+    """An executor that has PROMPT's blocks on its SSD tier only; and their ids."""
     ex = make_executor(loaded, cache_config(tmp_path, block_size=BS, ssd={"policy": "write_through"}))
-    cache = ex.prefix_cache
     generate(ex, [PROMPT], MAX_TOKENS)
-    assert cache.ssd.flush(10)
-    cache.ram.clear()
-    [seq] = new_sequences(ex, [PROMPT], MAX_TOKENS)
-    assert len(seq.restore_blocks) == 6  # planned before the damage
-    victim = cache.ssd._path(seq.restore_blocks[3])
+    assert ex.prefix_cache.ssd.flush(10)
+    ex.prefix_cache.ram.clear()
+    ids = ex.prefix_cache.block_ids(PROMPT)
+    assert len(ids) == 6 and all(ex.prefix_cache.ssd.contains(b) for b in ids)
+    return ex, ids
+
+
+def test_damaged_ssd_block_restores_fewer_tokens_and_says_so(loaded, baseline, tmp_path):
+    ex, ids = on_ssd_only(loaded, tmp_path)
+    cache = ex.prefix_cache
+    victim = cache.ssd._path(ids[3])
     victim.write_bytes(victim.read_bytes()[:100])
-    restored = cache.restore_batch([seq])
-    assert restored[0][1] == 3 * BS and cache.stats().ssd.corrupt == 1 and not victim.exists()
-    [r] = generate(ex, [PROMPT], MAX_TOKENS)  # planned again: 3 blocks, then prefill the rest
+    # The prefetch finds the damage: the chain ends before it, and the rest is prefilled.
+    [r] = generate(ex, [PROMPT], MAX_TOKENS)
     assert r.cached_tokens == 3 * BS and r.tokens == baseline["p"]
+    assert cache.stats().ssd.corrupt == 1
+    assert cache.ssd.flush(10) and cache.ssd.read(ids[3]) is not None  # deleted, then stored anew
+    cache.close()
+
+
+def test_a_block_still_being_read_is_prefilled_not_waited_for(loaded, tmp_path):
+    ex, ids = on_ssd_only(loaded, tmp_path)
+    cache = ex.prefix_cache
+    # Planned as if every block were in memory, but none was prefetched: restore_batch must not
+    # read the disk on the engine thread, so nothing is restored and the answer is the same.
+    seq = dataclasses.replace(new_sequences(ex, [PROMPT[:1]], MAX_TOKENS)[0], prompt=tuple(PROMPT))
+    seq = dataclasses.replace(seq, restore_blocks=tuple(ids))
+    reads = cache.stats().ssd.read_bytes
+    assert cache.restore_batch([seq]) == [None]
+    assert cache.stats().ssd.read_bytes == reads
     cache.close()
 
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_cluster.cache.blocks import Block
-from mlx_cluster.cache.hashing import Namespace
+from mlx_cluster.cache.hashing import FORMAT_VERSION, Namespace
 from mlx_cluster.cache.ssd import SsdTier
 
 NS = Namespace("ab" * 32, tp_size=1, dtype="float32", kv_bits=None, kv_group_size=64, block_size=4)
@@ -52,13 +52,64 @@ def written(t: SsdTier, *ids: int) -> SsdTier:
 
 def test_round_trip_and_layout(tmp_path):
     t = written(tier(tmp_path), 1)
-    assert t.dir == tmp_path / NS.model_fingerprint / "tp1" / "rank0"
+    assert t.dir == tmp_path / f"v{FORMAT_VERSION}" / NS.model_fingerprint / "tp1" / "rank0"
     files = os.listdir(t.dir)
     assert files == [bid(1).hex() + ".safetensors"]  # no temp file left behind
     got = t.read(bid(1))
     assert got is not None and mx.array_equal(got.arrays["k"], block(1).arrays["k"])
     assert t.stats.hits == 1 and t.stats.read_bytes > 0 and t.stats.writes == 1
     assert t.read(bid(2)) is None and t.stats.misses == 1
+    t.close()
+
+
+def test_files_of_an_older_format_are_deleted_at_start(tmp_path, caplog):
+    legacy = tmp_path / NS.model_fingerprint / "tp1" / "rank0"  # version 1's layout
+    legacy.mkdir(parents=True)
+    (legacy / (bid(1).hex() + ".safetensors")).write_bytes(b"old")
+    (legacy / ".x.tmp").write_bytes(b"old")
+    other = tmp_path / NS.model_fingerprint / "tp2" / "rank0"  # another layout's files are not ours to touch
+    other.mkdir(parents=True)
+    (other / (bid(1).hex() + ".safetensors")).write_bytes(b"old")
+    with caplog.at_level("INFO"):
+        t = tier(tmp_path)
+    assert not legacy.exists() and (other / (bid(1).hex() + ".safetensors")).exists()
+    assert "deleted 2 block file(s) of an older format" in caplog.text
+    assert t.stats.blocks == 0 and not t.contains(bid(1))
+    t.close()
+
+
+def test_prefetch_reads_in_the_background_and_take_never_touches_the_disk(tmp_path):
+    written(tier(tmp_path), 1, 2, 3).close()
+    t = tier(tmp_path)
+    woken = []
+    t.on_staged = lambda: woken.append(1)
+    assert t.take(bid(1)) is None  # on disk, not prefetched: the engine does not read it
+    assert t.state(bid(1)) == "disk" and t.state(bid(9)) == "absent"
+    assert t.prefetch([bid(1), bid(2), bid(9)]) == 2  # 9 is not on disk
+    deadline = time.monotonic() + 10
+    while t.state(bid(2)) != "memory" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert t.state(bid(1)) == t.state(bid(2)) == "memory" and woken
+    assert t.stats.prefetched == 2 and t.stats.staged_blocks == 2 and t.read_cost.value > 0
+    got = t.take(bid(2))
+    assert got is not None and mx.array_equal(got.arrays["k"], block(2).arrays["k"])
+    assert t.take(bid(2)) is None  # taken once; the caller promotes it to RAM
+    assert t.stats.prefetch_adopted == 1 and t.stats.staged_blocks == 1
+    t.close()
+
+
+def test_staging_is_bounded_and_expires(tmp_path):
+    written(tier(tmp_path), 1, 2, 3).close()
+    one = block(1).nbytes
+    t = tier(tmp_path, max_staged_bytes=int(one * 1.5), staged_ttl_s=0.2)
+    t.prefetch([bid(1), bid(2)])
+    deadline = time.monotonic() + 10
+    while t.stats.prefetched < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert t.stats.staged_blocks == 1 and t.stats.prefetch_wasted == 1  # the older one made room
+    time.sleep(0.3)
+    t.prefetch([])  # expiry runs when prefetches are queued
+    assert t.stats.staged_blocks == 0 and t.stats.prefetch_wasted == 2
     t.close()
 
 

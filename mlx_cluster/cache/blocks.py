@@ -62,9 +62,15 @@ class BlockCodec:
         raw_per_block = 0
         for name, attr in (("k", "keys"), ("v", "values")):
             # (layers, heads, tokens, head_dim): stack allocates a fresh buffer, not a view of the batch cache.
-            x = mx.stack([getattr(c, attr)[0, :, start:stop, :] for c in caches])
-            raw_per_block += x.nbytes // n_blocks
-            for suffix, arr in self._quantize(name, x):
+            quantized = getattr(caches[0], "bits", None)
+            if quantized is None:
+                x = mx.stack([getattr(c, attr)[0, :, start:stop, :] for c in caches])
+                raw_per_block += x.nbytes // n_blocks
+                encoded = self._quantize(name, x)
+            else:  # a quantized live cache (engine/kv_quant.py)
+                encoded, raw = self._from_quantized(caches, attr, start, stop)
+                raw_per_block += raw // n_blocks
+            for suffix, arr in encoded:
                 # contiguous() copies each slice so a block never keeps its neighbours alive.
                 parts[name + suffix] = [mx.contiguous(arr[:, :, i * bs : (i + 1) * bs]) for i in range(n_blocks)]
         blocks = [Block({n: p[i] for n, p in parts.items()}, bs, raw_per_block) for i in range(n_blocks)]
@@ -83,10 +89,26 @@ class BlockCodec:
         q, scales, biases = mx.quantize(x, group_size=group, bits=self.kv_bits)
         return [(".q", q), (".s", scales), (".b", biases)]
 
+    def _from_quantized(self, caches, attr: str, start: int, stop: int):
+        """Blocks from a quantized live cache: its own bytes when the formats match (lossless),
+        else dequantized and encoded as configured. Also the full-precision size, for stats."""
+        c0 = caches[0]
+        parts = [mx.stack([getattr(c, attr)[i][0, :, start:stop, :] for c in caches]) for i in range(3)]
+        head_dim = parts[1].shape[-1] * c0.group_size
+        raw = parts[1].size // parts[1].shape[-1] * head_dim * parts[1].dtype.size
+        same_format = self.kv_bits == c0.bits and effective_group_size(head_dim, self.kv_group_size) == c0.group_size
+        x = None if same_format else mx.dequantize(*parts, group_size=c0.group_size, bits=c0.bits)
+        if x is None:
+            return [(".q", parts[0]), (".s", parts[1]), (".b", parts[2])], raw
+        return self._quantize(attr[0], x), raw
+
     # ---- blocks -> cache --------------------------------------------------------------
-    def decode(self, blocks: Sequence[Block]) -> list[KVCache]:
-        """A per-layer KVCache holding the blocks' tokens, in order (batch dimension 1)."""
+    def decode(self, blocks: Sequence[Block], live=None) -> list[KVCache]:
+        """A per-layer KVCache holding the blocks' tokens, in order (batch dimension 1); with
+        `live` (a kv_quant.LiveKV), a quantized one in that format."""
         assert blocks, "decode needs at least one block"
+        if live is not None:
+            return self._decode_quantized(blocks, live)
         stacked = {}
         for name in ("k", "v"):
             stacked[name] = self._dequantize(name, blocks)
@@ -109,3 +131,25 @@ class BlockCodec:
         head_dim = q.shape[-1] * 32 // bits
         group = head_dim // scales.shape[-1]
         return mx.dequantize(q, scales, cat(name + ".b"), group_size=group, bits=bits)
+
+    def _decode_quantized(self, blocks: Sequence[Block], live) -> list:
+        from mlx_cluster.engine.kv_quant import QuantizedSequenceCache
+
+        stacked = {}
+        for name in ("k", "v"):
+            if name + ".q" in blocks[0].arrays and self.kv_bits == live.bits:
+                parts = [mx.concatenate([b.arrays[name + sfx] for b in blocks], axis=2) for sfx in (".q", ".s", ".b")]
+                if parts[0].shape[-1] * 32 // live.bits == parts[1].shape[-1] * live.group_size:
+                    stacked[name] = parts  # the live cache's own bytes: lossless
+                    continue
+            x = self._dequantize(name, blocks)
+            stacked[name] = list(mx.quantize(x, group_size=live.group_size, bits=live.bits))
+        caches = []
+        n_tokens = stacked["k"][0].shape[2]
+        for layer in range(stacked["k"][0].shape[0]):
+            c = QuantizedSequenceCache(live.group_size, live.bits)
+            c.keys = tuple(p[layer : layer + 1] for p in stacked["k"])
+            c.values = tuple(p[layer : layer + 1] for p in stacked["v"])
+            c.offset = n_tokens
+            caches.append(c)
+        return caches

@@ -1,7 +1,10 @@
 """Automatic prefix caching across the cluster: what the engine calls, and when.
 
+    rank 0, arrival     lookup(prompt)       -> the prompt's cached chain; SSD blocks start prefetching
+    rank 0, scheduling  decide(ids)          -> restore how many, and whether to wait for reads (cost.py)
     rank 0, admission   plan_sequence(seq)   -> which leading blocks to restore (read-only lookups)
-    every rank, apply   pinned(new)          -> those RAM blocks survive this step's drops
+    every rank, apply   prefetch(plan ids)   -> this rank's SSD reads start in the background
+                        pinned(new)          -> those RAM blocks survive this step's drops
                         restore_batch(new)   -> one bus round agrees on what every rank can restore
     every rank, step    on_prompt_done(...)  -> store the prompt's blocks once it is prefilled
                         on_sequence_done(...)-> store prompt + generated blocks when it ends
@@ -9,7 +12,9 @@
 
 The RAM tier is a mirror: every rank stores, touches and evicts the same ids in the same order
 (each its own KV shard), because all of it follows the plan. SSD tiers may differ (a dropped
-write, a wiped disk), which is why a restore first agrees on the count every rank can load.
+write, a wiped disk, a slower disk), which is why a restore first agrees on the count every
+rank has in memory. No step ever waits for the disk: a restore adopts only blocks in the RAM
+tier or already prefetched, and the rest of the prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_cluster.cache.blocks import Block, BlockCodec
-from mlx_cluster.cache.hashing import Namespace, block_hashes, restorable_blocks
+from mlx_cluster.cache.cost import CostModel, RestoreDecision
+from mlx_cluster.cache.hashing import Namespace, adapter_root, block_hashes, restorable_blocks
 from mlx_cluster.cache.ram import RamStats, RamTier
+from mlx_cluster.cache.sizing import ram_tier_bytes, ssd_tier_bytes
 from mlx_cluster.cache.ssd import SsdStats, SsdTier
 from mlx_cluster.engine.plan import NewSequence
 
 log = logging.getLogger(__name__)
 
-GB = 1_000_000_000  # cache.ram_gb and cache.ssd.max_gb are decimal gigabytes
+REMEASURE_EVERY = 32  # while SSD reads lose to prefill, still read one lookup in this many
 
 
 @dataclass
@@ -53,6 +60,9 @@ class CacheStats:
     ram: RamStats = field(default_factory=RamStats)
     ssd: SsdStats | None = None
     ssd_quant_bytes_saved: int = 0
+    held: int = 0  # requests rank 0 held back for their SSD prefetch (worth it by the cost model)
+    recomputed_blocks: int = 0  # cached blocks prefilled anyway: restoring cost more, or their read was not done
+    cost: dict = field(default_factory=dict)  # the cost model's current figures (cost.py)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -85,8 +95,10 @@ class PrefixCache:
         dtype: str,
         group=None,
         ssd_queue_size: int = 4096,
+        live=None,
     ):
-        """`config` is a CacheSection; `group` the model's group (its rank and size name the shard).
+        """`config` is a CacheSection; `group` the model's group (its rank and size name the shard);
+        `live` the live cache's quantization (an engine.kv_quant.LiveKV), which restores produce.
 
         Set `agree_min` to the control bus's agreement before restoring on several ranks.
         """
@@ -94,38 +106,116 @@ class PrefixCache:
         self.world_size = group.size() if group is not None else 1
         self.agree_min = list  # one rank agrees with itself; rank.py plugs in ControlBus.agree_min
         self.block_size = config.block_size
+        self.live = live
         self.namespace = Namespace(
-            fingerprint, self.world_size, dtype, config.kv_bits, config.kv_group_size, config.block_size
+            fingerprint,
+            self.world_size,
+            dtype,
+            config.kv_bits,
+            config.kv_group_size,
+            config.block_size,
+            live_kv_bits=live.bits if live is not None else None,
         )
         self.codec = BlockCodec(config.block_size, config.kv_bits, config.kv_group_size)
-        self.ram = RamTier(int(config.ram_gb * GB))
+        self.ram = RamTier(ram_tier_bytes(config.ram_gb))
         self.write_through = config.ssd.policy == "write_through"
         self.ssd = None
-        if config.ssd.enabled and config.ssd.max_gb > 0:
+        ssd_bytes = ssd_tier_bytes(config.ssd.max_gb, config.ssd.dir) if config.ssd.enabled else 0
+        if ssd_bytes > 0:
             self.ssd = SsdTier(
                 config.ssd.dir,
                 fingerprint=fingerprint,
                 tp_size=self.world_size,
                 rank=self.rank,
                 metadata={**self.namespace.fields(), "rank": str(self.rank)},
-                max_bytes=int(config.ssd.max_gb * GB),
+                max_bytes=ssd_bytes,
                 ttl_s=config.ssd.ttl_days * 86400,
                 max_pending_writes=ssd_queue_size,
             )
         self._stats = CacheStats(
             self.rank, self.namespace.digest.hex(), config.block_size, config.kv_bits, config.ssd.policy
         )
+        self.cost = CostModel(config.block_size)
+        if self.ssd is not None:
+            self.cost.ssd_read = self.ssd.read_cost
         self._raw_per_stored = 1.0  # measured on the first block: how much quantization shrinks one
+        self._lookups = 0  # lookups that found SSD blocks (every REMEASURE_EVERY-th reads them anyway)
         self._closed = False
+        self._adapter_roots: dict[int, bytes] = {}  # LoRA slot -> chain root (hashing.adapter_root)
 
-    # ---- rank 0: planning (read-only) ----------------------------------------------------
-    def plan_sequence(self, seq: NewSequence) -> NewSequence:
-        """Fill `restore_blocks` with the longest chain of leading blocks rank 0 has (RAM or SSD)."""
-        ids = block_hashes(self.namespace, seq.prompt, restorable_blocks(len(seq.prompt), self.block_size))
-        n = 0
-        while n < len(ids) and self._has(ids[n]):
-            n += 1
+    # ---- LoRA adapters: their blocks hash under their own root -----------------------------
+    def set_adapter(self, slot: int, fingerprint: str | None) -> None:
+        """Slot `slot` now runs the adapter with this content fingerprint (None: no adapter)."""
+        if fingerprint is None:
+            self._adapter_roots.pop(slot, None)
+        else:
+            self._adapter_roots[slot] = adapter_root(self.namespace, fingerprint)
+
+    def _root(self, adapter: int) -> bytes | None:
+        return self._adapter_roots.get(adapter) if adapter else None
+
+    # ---- rank 0: planning (read-only, but lookups start SSD prefetches) ---------------------
+    def block_ids(self, prompt: Sequence[int], adapter: int = 0) -> list[bytes]:
+        """Ids of the prompt's blocks a restore could cover (the last token is always prefilled),
+        under the LoRA adapter's own root; none for an adapter without one (never the base's)."""
+        if adapter and adapter not in self._adapter_roots:
+            return []
+        max_blocks = restorable_blocks(len(prompt), self.block_size)
+        return block_hashes(self.namespace, prompt, max_blocks, self._root(adapter))
+
+    def lookup(self, ids: Sequence[bytes]) -> list[bytes]:
+        """Of the leading blocks this rank has (RAM or SSD), those to read from the SSD tier;
+        their reads start now, in the background. None are read when reading is measured to
+        cost more than prefilling (the reads would only take CPU and disk from the engine),
+        except now and then, to notice a disk that got faster (e.g. files now in page cache)."""
+        on_disk = []
+        for block_id in ids:
+            if self.ram.contains(block_id):
+                continue
+            if self.ssd is None or not self.ssd.contains(block_id):
+                break
+            on_disk.append(block_id)
+        if not on_disk:
+            return []
+        self._lookups += 1
+        if self.cost.reads_pay() is False and self._lookups % REMEASURE_EVERY:
+            return []
+        self.ssd.prefetch(on_disk)
+        return on_disk
+
+    def decide(self, ids: Sequence[bytes]) -> RestoreDecision:
+        """How many leading blocks of `ids` to restore now, and how long to wait for the rest."""
+        where, sizes = [], []
+        for block_id in ids:
+            if self.ram.contains(block_id):
+                where.append("memory")
+                sizes.append(self.cost.block_bytes)
+                continue
+            state = self.ssd.state(block_id) if self.ssd is not None else "absent"
+            if state not in ("memory", "reading"):
+                break  # absent, or on disk and not being read: prefilled
+            where.append(state)
+            sizes.append(self.ssd.file_bytes(block_id) or self.cost.block_bytes)
+        return self.cost.plan(where, sizes)
+
+    def plan_sequence(self, seq: NewSequence, ids: Sequence[bytes] | None = None) -> NewSequence:
+        """Fill `restore_blocks` with the leading cached blocks worth restoring now."""
+        if ids is None:
+            ids = self.block_ids(seq.prompt, seq.adapter)
+        n = self.decide(ids).blocks if ids else 0
+        cached = 0
+        while cached < len(ids) and self._has(ids[cached]):
+            cached += 1
+        self._stats.recomputed_blocks += max(0, cached - n)
         return dataclasses.replace(seq, restore_blocks=tuple(ids[:n]))
+
+    def count_held(self) -> None:
+        self._stats.held += 1
+
+    def prefetch(self, ids: Sequence[bytes]) -> None:
+        """Start reading these blocks from this rank's SSD tier (those not in RAM), in the background."""
+        if self.ssd is not None and ids:
+            self.ssd.prefetch([b for b in ids if not self.ram.contains(b)])
 
     def _has(self, block_id: bytes) -> bool:
         return self.ram.contains(block_id) or (self.ssd is not None and self.ssd.contains(block_id))
@@ -134,10 +224,10 @@ class PrefixCache:
         """Tokens rank 0 plans to restore (the executor reports what was actually restored)."""
         return len(seq.restore_blocks) * self.block_size
 
-    def cached_prefix_tokens(self, prompt: Sequence[int]) -> int:
+    def cached_prefix_tokens(self, prompt: Sequence[int], adapter: int = 0) -> int:
         """How many leading tokens of `prompt` are cached now, counting full blocks (read-only)."""
         n = 0
-        for block_id in block_hashes(self.namespace, prompt):
+        for block_id in block_hashes(self.namespace, prompt, root=self._root(adapter)):
             if not self._has(block_id):
                 break
             n += 1
@@ -180,19 +270,19 @@ class PrefixCache:
             self.ram.stats.misses += sum(1 for _, _, from_ram in used if not from_ram)
             self._stats.restores += 1
             self._stats.restored_tokens += n * self.block_size
-            out.append((self.codec.decode([b for _, b, _ in used]), n * self.block_size))
+            out.append((self.codec.decode([b for _, b, _ in used], self.live), n * self.block_size))
         return out
 
     def _load_leading(self, ids: Sequence[bytes]) -> list[tuple[bytes, Block, bool]]:
-        """The leading blocks of `ids` this rank can load: (id, block, came from RAM)."""
+        """The leading blocks of `ids` this rank has in memory: (id, block, came from RAM).
+        Never reads the disk: a block still being prefetched ends the run (it is prefilled)."""
         out = []
-        expected = {"n_tokens": str(self.block_size)}
         for block_id in ids:
             block = self.ram.peek(block_id)
             from_ram = block is not None
             if block is None and self.ssd is not None:
-                block = self.ssd.read(block_id, expected)
-            if block is None:
+                block = self.ssd.take(block_id)
+            if block is None or block.n_tokens != self.block_size:
                 break
             out.append((block_id, block, from_ram))
         return out
@@ -200,17 +290,17 @@ class PrefixCache:
     # ---- every rank: store ------------------------------------------------------------------
     def on_prompt_done(self, seq: NewSequence, prompt_cache, tokens: Sequence[int]) -> None:
         """The prompt is prefilled: store its blocks now, so concurrent requests can share them."""
-        self._store(prompt_cache, tokens)
+        self._store(prompt_cache, tokens, seq.adapter)
 
     def on_sequence_done(self, seq: NewSequence, prompt_cache, all_tokens: Sequence[int]) -> None:
         """A sequence finished or was dropped: store its prompt and generated blocks."""
-        self._store(prompt_cache, all_tokens)
+        self._store(prompt_cache, all_tokens, seq.adapter)
 
-    def _store(self, caches, tokens: Sequence[int]) -> None:
-        if not caches or caches[0].keys is None:
+    def _store(self, caches, tokens: Sequence[int], adapter: int = 0) -> None:
+        if not caches or caches[0].keys is None or (adapter and adapter not in self._adapter_roots):
             return
         n_tokens = min(len(tokens), caches[0].offset)
-        ids = block_hashes(self.namespace, tokens[:n_tokens])
+        ids = block_hashes(self.namespace, tokens[:n_tokens], root=self._root(adapter))
         first = 0
         while first < len(ids) and self.ram.contains(ids[first]):
             first += 1
@@ -219,6 +309,7 @@ class PrefixCache:
             return
         blocks = self.codec.encode(caches, first, len(ids) - first)
         self._raw_per_stored = blocks[0].raw_nbytes / max(1, blocks[0].nbytes)
+        self.cost.block_bytes = blocks[0].nbytes
         new = {i: blocks[i - first] for i in missing}
         self._store_chain(ids, new)
         if self.write_through and self.ssd is not None:
@@ -244,6 +335,17 @@ class PrefixCache:
         for block_id in reversed(ids):
             self.ram.touch(block_id)
 
+    def calibrate(self, nbytes: int = 16 << 20) -> None:
+        """Measure what a copy on the device costs per byte: restoring a block held in memory."""
+        x = mx.zeros((nbytes // 4,), dtype=mx.float32)
+        mx.eval(x)
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            mx.eval(mx.concatenate([x[: x.size // 2], x[x.size // 2 :]]))
+            best = min(best, time.perf_counter() - started)
+        self.cost.copy.add(best / nbytes)
+
     # ---- admin ------------------------------------------------------------------------------
     def clear(self) -> None:
         """Forget every block in RAM and on this rank's SSD (every rank runs it at the same step)."""
@@ -257,6 +359,7 @@ class PrefixCache:
         if self.ssd is not None:
             s.ssd = dataclasses.replace(self.ssd.stats)
             s.ssd_quant_bytes_saved = int(s.ssd.bytes * (1 - 1 / self._raw_per_stored))
+        s.cost = self.cost.to_dict()
         return s
 
     def usage(self) -> float:

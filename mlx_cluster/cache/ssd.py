@@ -1,18 +1,23 @@
-"""The SSD tier: this rank's blocks as files under `<dir>/<model fingerprint>/tp<N>/rank<r>/`.
+"""The SSD tier: this rank's blocks as files under `<dir>/v<format>/<model fingerprint>/tp<N>/rank<r>/`.
 
-* Writes never block the engine: they go through one bounded queue to one writer thread,
-  which writes a temp file in the same directory, fsyncs it and renames it into place, so a
-  reader sees a whole file or none. A full queue (in items or bytes) drops the write and
-  counts it.
-* Reads happen on the engine thread at restore and verify everything (see blockfile.py): a
-  damaged or foreign file is deleted, counted and treated as a miss.
+* The engine never touches the disk. Reads are prefetched: `prefetch(ids)` queues block ids for
+  a reader thread, which reads and verifies each file (see blockfile.py) into host memory
+  (the staging area, bounded in bytes and age); `take(id)` on the engine thread adopts a
+  staged block, or a block still queued for writing, or returns None. Rank 0 decides whether a
+  request waits for its prefetch (cache/cost.py); nothing ever waits inside a step.
+* Writes go through one bounded queue to one writer thread, which writes a temp file in the
+  same directory, fsyncs it and renames it into place, so a reader sees a whole file or none.
+  A full queue (in items or bytes) drops the write and counts it.
+* A damaged or foreign file is deleted, counted and treated as a miss.
 * Size is capped (least recently accessed files go first; a read touches the file) and files
   not accessed for `ttl_s` expire, checked at startup and periodically by the writer.
+* Files of an older on-disk format (an older `v<format>` directory, or version 1's layout
+  without one) are deleted at startup, with one log line.
 * Any write failure (unwritable directory, disk full) disables the tier: one warning, an
   error count, `disabled` in the stats, and serving carries on without it.
 
-Blocks can differ between ranks here (a dropped write, a wiped disk): restores agree on what
-every rank has before using it (see prefix_cache.py).
+Blocks can differ between ranks here (a dropped write, a wiped disk, a slower disk): restores
+agree on what every rank has in memory before using it (see prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pathlib import Path
 
 from mlx_cluster.cache import blockfile
 from mlx_cluster.cache.blocks import Block
+from mlx_cluster.cache.cost import Ewma
+from mlx_cluster.cache.hashing import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,12 @@ class SsdStats:
     hits: int = 0
     misses: int = 0
     read_bytes: int = 0
-    read_s: float = 0.0
+    read_s: float = 0.0  # reading and verifying, on the reader thread
+    prefetched: int = 0  # blocks read ahead into host memory
+    prefetch_adopted: int = 0  # ... and then used by a restore
+    prefetch_wasted: int = 0  # ... and dropped unused (staging full or too old)
+    staged_blocks: int = 0
+    staged_bytes: int = 0
     writes: int = 0
     write_bytes: int = 0
     pending_writes: int = 0
@@ -71,9 +83,13 @@ class SsdTier:
         ttl_s: float,
         max_pending_writes: int = 4096,
         max_pending_bytes: int = 1 << 30,
+        max_staged_bytes: int = 1 << 30,
+        staged_ttl_s: float = 120.0,
         prune_interval_s: float = 60.0,
     ):
-        self.dir = Path(root).expanduser() / fingerprint / f"tp{tp_size}" / f"rank{rank}"
+        self.root = Path(root).expanduser()
+        self.dir = self.root / f"v{FORMAT_VERSION}" / fingerprint / f"tp{tp_size}" / f"rank{rank}"
+        self._legacy_dir = self.root / fingerprint / f"tp{tp_size}" / f"rank{rank}"  # version 1's layout
         self.metadata = metadata  # what every file of ours carries (namespace, rank)
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
@@ -87,11 +103,21 @@ class SsdTier:
         self._epoch = 0  # bumped by clear(): queued writes of an older epoch are discarded
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending_writes)
         self._thread: threading.Thread | None = None
+        # Prefetching: ids queued or being read, and verified blocks waiting in host memory.
+        self.max_staged_bytes = max_staged_bytes
+        self.staged_ttl_s = staged_ttl_s
+        self._inflight: set[bytes] = set()
+        self._staged: OrderedDict[bytes, tuple[blockfile.HostBlock, float]] = OrderedDict()
+        self._prefetch_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._reader: threading.Thread | None = None
+        self.read_cost = Ewma()  # seconds per byte to read and verify, measured on every read
+        self.on_staged = None  # called on the reader thread when the queued reads are done (rank 0 wakes its scheduler)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".probe.{os.getpid()}.tmp"
             probe.write_bytes(b"ok")
             probe.unlink()
+            self._drop_old_formats()
             self._scan()
         except OSError as e:
             self._disable(f"cannot use {self.dir}: {e}")
@@ -99,6 +125,8 @@ class SsdTier:
         self.prune()
         self._thread = threading.Thread(target=self._writer, name="kv-ssd-writer", daemon=True)
         self._thread.start()
+        self._reader = threading.Thread(target=self._read_ahead, name="kv-ssd-reader", daemon=True)
+        self._reader.start()
 
     # ---- queries (engine thread; rank 0 plans with contains()) --------------------------
     @property
@@ -113,17 +141,22 @@ class SsdTier:
         return self.dir / (block_id.hex() + SUFFIX)
 
     def read(self, block_id: bytes, expected: dict[str, str] | None = None) -> Block | None:
-        """Load and verify a block, touching its access time; None (a miss) if absent or bad.
-
-        `expected` adds metadata the file must carry (e.g. n_tokens) to the namespace and rank."""
-        if not self.enabled:
-            return None
+        """Load and verify a block now, on the calling thread (tools and tests; the engine uses
+        prefetch and take). None (a miss) if absent or bad."""
         with self._lock:
             block = self._pending.get(block_id)
-            known = block_id in self._index
         if block is not None:
             self.stats.hits += 1
             return block
+        host = self._read_host(block_id, expected)
+        return host.to_block() if host is not None else None
+
+    def _read_host(self, block_id: bytes, expected: dict[str, str] | None = None) -> blockfile.HostBlock | None:
+        """Read and verify a file into host memory (any thread, no MLX), touching its access time."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            known = block_id in self._index
         if not known:
             self.stats.misses += 1
             return None
@@ -131,7 +164,7 @@ class SsdTier:
         t0 = time.perf_counter()
         try:
             data = path.read_bytes()
-            block = blockfile.decode(data, {**self.metadata, **(expected or {}), "block": block_id.hex()})
+            host = blockfile.parse(data, {**self.metadata, **(expected or {}), "block": block_id.hex()})
         except FileNotFoundError:
             self._forget(block_id)
             self.stats.misses += 1
@@ -147,8 +180,10 @@ class SsdTier:
             self.stats.misses += 1
             log.warning("cannot read SSD KV block %s: %s", path, e)
             return None
-        self.stats.read_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats.read_s += elapsed
         self.stats.read_bytes += len(data)
+        self.read_cost.add(elapsed / max(1, len(data)))
         self.stats.hits += 1
         now = time.time()
         try:
@@ -158,7 +193,90 @@ class SsdTier:
         with self._lock:
             if block_id in self._index:
                 self._index.move_to_end(block_id)
-        return block
+        return host
+
+    # ---- prefetch (any thread queues, the reader thread reads, the engine thread takes) ----
+    def prefetch(self, ids) -> int:
+        """Queue reads of the blocks in `ids` this tier has on disk and not yet in memory; how
+        many were queued. Never blocks."""
+        if not self.enabled or self._reader is None:
+            return 0
+        queued = 0
+        with self._lock:
+            self._expire_staged(time.monotonic())
+            for block_id in ids:
+                if block_id in self._index and not (
+                    block_id in self._staged or block_id in self._inflight or block_id in self._pending
+                ):
+                    self._inflight.add(block_id)
+                    self._prefetch_queue.put(block_id)
+                    queued += 1
+        return queued
+
+    def state(self, block_id: bytes) -> str:
+        """Where a block is for a restore: "memory" (take() will have it), "reading" (prefetch in
+        flight), "disk" (not prefetched) or "absent"."""
+        with self._lock:
+            if block_id in self._staged or block_id in self._pending:
+                return "memory"
+            if block_id in self._inflight:
+                return "reading"
+            return "disk" if block_id in self._index and self.enabled else "absent"
+
+    def file_bytes(self, block_id: bytes) -> int:
+        with self._lock:
+            return self._index.get(block_id, 0)
+
+    def take(self, block_id: bytes) -> Block | None:
+        """A block already in memory (prefetched, or queued for writing), for a restore on the
+        engine thread; None otherwise. Never reads the disk."""
+        with self._lock:
+            block = self._pending.get(block_id)
+            if block is not None:
+                self.stats.hits += 1
+                return block
+            entry = self._unstage(block_id)
+        if entry is None:
+            return None
+        self.stats.prefetch_adopted += 1
+        return entry[0].to_block()
+
+    def _read_ahead(self) -> None:
+        while True:
+            block_id = self._prefetch_queue.get()
+            if block_id is None:
+                return
+            host = self._read_host(block_id) if self.enabled else None
+            with self._lock:
+                self._inflight.discard(block_id)
+                if host is not None:
+                    while self._staged and self.stats.staged_bytes + host.nbytes > self.max_staged_bytes:
+                        self._unstage(next(iter(self._staged)))  # the oldest makes room
+                        self.stats.prefetch_wasted += 1
+                    self._staged[block_id] = (host, time.monotonic())
+                    self.stats.staged_bytes += host.nbytes
+                    self.stats.staged_blocks = len(self._staged)
+                    self.stats.prefetched += 1
+            callback = self.on_staged
+            if callback is not None and not self._inflight:
+                callback()  # once per burst of reads, not per block
+
+    def _expire_staged(self, now: float) -> None:
+        """Drop staged blocks nobody took in time (a cancelled request's). Holds the lock."""
+        while self._staged:
+            block_id, (_, staged_at) = next(iter(self._staged.items()))
+            if now - staged_at < self.staged_ttl_s:
+                break
+            self._unstage(block_id)
+            self.stats.prefetch_wasted += 1
+
+    def _unstage(self, block_id: bytes):
+        """Remove a staged block, keeping the counts; its (host block, time) or None. Holds the lock."""
+        entry = self._staged.pop(block_id, None)
+        if entry is not None:
+            self.stats.staged_bytes -= entry[0].nbytes
+            self.stats.staged_blocks = len(self._staged)
+        return entry
 
     # ---- writes (engine thread enqueues, the writer thread writes) ------------------------
     def write(self, block_id: bytes, block: Block, wait_s: float = 0.0) -> None:
@@ -211,8 +329,8 @@ class SsdTier:
     def _write_one(self, epoch: int, block_id: bytes, block: Block) -> None:
         try:
             if self.enabled and epoch == self._epoch:
-                data = blockfile.encode(block, {**self.metadata, "block": block_id.hex()})
-                self._write_file(epoch, block_id, data)
+                chunks = blockfile.encode_chunks(block, {**self.metadata, "block": block_id.hex()})
+                self._write_file(epoch, block_id, chunks)
         except OSError as e:
             self._disable(f"writing to {self.dir} failed: {e}")
         except Exception as e:  # a bug must not kill the writer silently
@@ -228,14 +346,16 @@ class SsdTier:
                 self._pending_bytes -= block.nbytes
             self.stats.pending_writes = len(self._pending)
 
-    def _write_file(self, epoch: int, block_id: bytes, data: bytes) -> None:
+    def _write_file(self, epoch: int, block_id: bytes, chunks: list) -> None:
         final = self._path(block_id)
         tmp = self.dir / f".{block_id.hex()}.{os.getpid()}.tmp"
+        size = sum(len(c) for c in chunks)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -245,15 +365,38 @@ class SsdTier:
                 return
             os.replace(tmp, final)
             old = self._index.pop(block_id, 0)
-            self._index[block_id] = len(data)
-            self.stats.bytes += len(data) - old
+            self._index[block_id] = size
+            self.stats.bytes += size - old
             self.stats.blocks = len(self._index)
         self.stats.writes += 1
-        self.stats.write_bytes += len(data)
+        self.stats.write_bytes += size
         if self.stats.bytes > self.max_bytes:
             self._evict_to(self.max_bytes)
 
     # ---- housekeeping ---------------------------------------------------------------
+    def _drop_old_formats(self) -> None:
+        """Delete this rank's files of older on-disk formats: their ids can never be looked up
+        again (the format version is part of every id), so they would only hold disk space."""
+        old = [self._legacy_dir] + [
+            self.root / f"v{v}" / self.dir.relative_to(self.root / f"v{FORMAT_VERSION}")
+            for v in range(2, FORMAT_VERSION)
+        ]
+        removed = 0
+        for d in old:
+            if not d.is_dir():
+                continue
+            for entry in os.scandir(d):
+                if entry.is_file() and (entry.name.endswith(SUFFIX) or entry.name.endswith(".tmp")):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed += 1
+            for parent in (d, d.parent, d.parent.parent):  # rank<r>, tp<N>, <fingerprint> when empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        if removed:
+            log.info("SSD KV tier: deleted %d block file(s) of an older format under %s", removed, self.root)
+
     def _scan(self) -> None:
         """Index the files already here (oldest access first) and remove stale temp files."""
         entries = []
@@ -340,12 +483,17 @@ class SsdTier:
             self._pending.clear()
             self._pending_bytes = 0
             self.stats.pending_writes = 0
+            self._staged.clear()
+            self.stats.staged_blocks = self.stats.staged_bytes = 0
             ids = list(self._index)
         for block_id in ids:
             self._delete(block_id)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Finish queued writes (up to `timeout_s`) and stop the writer thread."""
+        """Finish queued writes (up to `timeout_s`) and stop the writer and reader threads."""
+        if self._reader is not None:
+            self._prefetch_queue.put(None)
+            self._reader = None
         if self._thread is None:
             return
         self.flush(timeout_s)

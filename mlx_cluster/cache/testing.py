@@ -1,7 +1,8 @@
 """Engine-level helpers for prefix-cache tests and measurements (no HTTP, no bus).
 
-They drive an `Executor` the way the engine does on rank 0: plan_sequence at admission,
-apply(plan), step() until the sequences finish.
+They drive an `Executor` the way the engine does on rank 0: look the prompts up (SSD reads
+start), hold them while the cost model says the reads are worth waiting for, plan the restores
+at admission, apply(plan), step() until the sequences finish.
 
     loaded = load_tiny(models_dir)
     ex = make_executor(loaded, cache_config(tmp_path))
@@ -51,8 +52,10 @@ def make_executor(
     max_batch_size: int = 8,
     prefill_chunk: int = 512,
     ssd_queue_size: int = 4096,
+    live_kv=None,
 ) -> Executor:
-    """An Executor on `loaded` with a PrefixCache (none when cache_cfg is None)."""
+    """An Executor on `loaded` with a PrefixCache (none when cache_cfg is None); `live_kv` (an
+    engine.kv_quant.LiveKV) quantizes its running batch's KV."""
     cache = None
     if cache_cfg is not None:
         cache = PrefixCache(
@@ -61,6 +64,7 @@ def make_executor(
             dtype=kv_dtype(loaded.model),
             group=group if group is not None else mx.distributed.init(),
             ssd_queue_size=ssd_queue_size,
+            live=live_kv,
         )
     vocab = loaded.config.get("vocab_size")
     return Executor(
@@ -70,6 +74,7 @@ def make_executor(
         prefill_batch_size=max_batch_size,
         prefill_chunk=prefill_chunk,
         prefix_cache=cache,
+        live_kv=live_kv,
     )
 
 
@@ -77,7 +82,7 @@ def make_executor(
 class Result:
     tokens: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    ttft_s: float = 0.0  # from apply() to the first token: prefill time, restore included
+    ttft_s: float = 0.0  # from lookup to the first token: SSD reads, restore and prefill included
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -86,18 +91,25 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 def new_sequences(executor: Executor, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[NewSequence]:
     """NewSequences as rank 0's frontend would admit them (restore_blocks planned)."""
+    from mlx_cluster.cache.restore_planner import RestorePlanner
+
     seqs = [NewSequence(next(_seq_ids), tuple(p), greedy(max_tokens)) for p in prompts]
     if executor.prefix_cache is not None:
-        seqs = [executor.prefix_cache.plan_sequence(s) for s in seqs]
+        planner = RestorePlanner(executor.prefix_cache)
+        for s in seqs:
+            planner.arrived(s)
+        while any(planner.held(s) for s in seqs):
+            time.sleep(0.0005)
+        seqs = [planner.admitted(s) for s in seqs]
     return seqs
 
 
 def generate(executor: Executor, prompts: Sequence[Sequence[int]], max_tokens: int = 8) -> list[Result]:
     """Run greedy generations to completion in one batch; results in prompt order. Sequences
     already in the executor keep running alongside (their tokens are ignored here)."""
+    t0 = time.perf_counter()
     seqs = new_sequences(executor, prompts, max_tokens)
     results = {s.seq_id: Result() for s in seqs}
-    t0 = time.perf_counter()
     executor.apply(StepPlan(step=0, new=tuple(seqs)))
     open_ids = set(results)
     while open_ids:

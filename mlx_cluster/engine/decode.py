@@ -21,13 +21,16 @@ Everything else (prefill, stop conditions, cache extraction) stays mlx-lm's.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_cluster.engine.plan import SamplingParams
+from mlx_cluster.models.lora import select_rows
 
 _GOLDEN = 0x9E3779B9
 
@@ -39,6 +42,7 @@ class RowSampling:
     params: SamplingParams
     vocab_size: int
     constraint: object | None = None  # a TokenConstraint, or None
+    adapter: int = 0  # the LoRA adapter slot this row runs with (models/lora.py; 0 = none)
     consumed: int = field(default=0, init=False)  # tokens the constraint has seen
 
     def __call__(self, logprobs: mx.array) -> mx.array:
@@ -160,6 +164,7 @@ class DecodeBatch(GenerationBatch):
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
 
+        select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         token_context = []
         if any(self.logits_processors):
@@ -238,6 +243,17 @@ def _needs_sort(rows: list[RowSampling]) -> bool:
 class PromptBatch(PromptProcessingBatch):
     """mlx-lm's prompt batch, handing finished prompts to a DecodeBatch."""
 
+    on_prefill = None  # called with (prompt tokens, seconds) after a prefill that ran alone
+    timed = False  # set by the Batcher: no decode step is in flight, so the time is prefill's alone
+
+    def prompt(self, tokens):
+        select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])  # each row's LoRA adapter
+        if not (self.timed and self.on_prefill is not None and tokens):
+            return super().prompt(tokens)
+        started = time.perf_counter()
+        super().prompt(tokens)  # evaluates every chunk: the time is the device's
+        self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
+
     def generate(self, tokens):
         # mlx-lm's generate(), except for the class of the batch it returns.
         if any(len(t) > 1 for t in tokens):
@@ -262,12 +278,30 @@ class PromptBatch(PromptProcessingBatch):
 class Batcher(BatchGenerator):
     """mlx-lm's continuous batcher with DecodeBatch as its generation batch."""
 
-    def __init__(self, model, **kwargs):
+    def __init__(self, model, live_kv=None, **kwargs):
         super().__init__(model, **kwargs)
         self._generation_batch = DecodeBatch.adopt(self._generation_batch)
         self._prompt_batch.__class__ = PromptBatch
+        self.live_kv = live_kv  # a kv_quant.LiveKV: sequences get quantized caches (engine/kv_quant.py)
+        self._n_layers = len(make_prompt_cache(model))
+
+    def insert_segments(self, segments, max_tokens=None, caches=None, *args, **kwargs):
+        if self.live_kv is not None:
+            caches = [
+                c if c is not None else self.live_kv.empty_caches(self._n_layers)
+                for c in caches or [None] * len(segments)
+            ]
+        return super().insert_segments(segments, max_tokens, caches, *args, **kwargs)
 
     def _make_batch(self, n: int):
         batch = super()._make_batch(n)
         batch.__class__ = PromptBatch  # same fields; only generate() differs
         return batch
+
+    def set_prefill_meter(self, callback) -> None:
+        """Report (tokens, seconds) of prefills that run with no decode step in flight (cost.py)."""
+        self._prompt_batch.on_prefill = callback
+
+    def _next(self):
+        self._prompt_batch.timed = len(self._generation_batch) == 0
+        return super()._next()

@@ -51,6 +51,11 @@ class Engine:
         self.idle = True
         self.trace = trace
         self._phases: list[tuple[str, float]] = []
+        # Seconds spent in each phase since start (idle included): read by the status reporter.
+        self.phase_s: dict[str, float] = {}
+        self.last_phase_s: dict[str, float] = {}  # the latest duration of each phase
+        self.last_work_s = 0.0
+        self._phase_at = time.perf_counter()
 
     def step(self) -> StepPlan:
         started = time.perf_counter()
@@ -66,6 +71,8 @@ class Engine:
             )
         self._phase("apply")
         self.executor.apply(plan)
+        if plan.adapters and self.frontend is not None:
+            self.frontend.adapters_applied(self.executor.adapter_results)
         self._phase("model")
         outputs = self.executor.step()
         self._phase("emit")
@@ -76,12 +83,21 @@ class Engine:
 
     def _phase(self, name: str) -> None:
         """Enter a phase: the watchdog watches those that wait on peers; the trace records all."""
+        self._account_phase()
         self.timer.phase = name
         self.timer.busy_since = time.monotonic() if name in WATCHED_PHASES else 0.0
         if self.trace is not None:
             self._phases.append((name, time.perf_counter()))
 
+    def _account_phase(self) -> None:
+        now = time.perf_counter()
+        phase = self.timer.phase
+        self.last_phase_s[phase] = now - self._phase_at
+        self.phase_s[phase] = self.phase_s.get(phase, 0.0) + now - self._phase_at
+        self._phase_at = now
+
     def _end_step(self, plan: StepPlan, tokens: int, started: float) -> None:
+        self._account_phase()
         self.timer.phase = "idle"
         self.timer.busy_since = 0.0
         now = time.perf_counter()
@@ -90,6 +106,7 @@ class Engine:
             self.trace.step(plan.step, self._phases, now, args)
             self._phases = []
         self.timer.last_step_s = now - started
+        self.last_work_s = self.timer.last_step_s - self.last_phase_s.get("bus", 0.0)  # without the plan wait
         self.step_index = plan.step + 1
         self.idle = plan.idle
 

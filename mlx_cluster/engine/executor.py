@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import StopSequences
 
 from mlx_cluster.constrain import sequence_constraint
+from mlx_cluster.engine import adapters as adapter_ops
 from mlx_cluster.engine.decode import Batcher, RowSampling
 from mlx_cluster.engine.plan import NewSequence, StepPlan
 from mlx_cluster.engine.sampling import make_logits_processors, top_logprobs
@@ -58,21 +59,36 @@ class Executor:
         prefill_chunk: int,
         stream=None,
         prefix_cache=None,
+        live_kv=None,
     ):
         self.vocab_size = vocab_size
         self.generator = Batcher(
             model,
+            live_kv=live_kv,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),
             prefill_step_size=prefill_chunk,
             stream=stream,
         )
         self.prefix_cache = prefix_cache
+        self.adapters = None  # the model's AdapterSet (models/lora.py), when it serves LoRA adapters
+        self.agree_min = list  # one rank agrees with itself; rank.py plugs in ControlBus.agree_min
+        self.adapter_results: dict[int, str | None] = {}  # this step's adapter loads: slot -> error
         self._uid_to_seq: dict[int, NewSequence] = {}
         self._seq_to_uid: dict[int, int] = {}
         self._cached_tokens: dict[int, int] = {}  # seq id -> restored tokens, until its first token
         self.digest = 0  # crc32 chain over every sampled token, compared across ranks
         self.stats = ExecutorStats()
+
+    @property
+    def prefix_cache(self):
+        return self._prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, cache) -> None:
+        # The cache's cost model learns this rank's prefill speed from the batcher's prefills.
+        self._prefix_cache = cache
+        self.generator.set_prefill_meter(cache.cost.observe_prefill if cache is not None else None)
 
     @property
     def active(self) -> int:
@@ -83,6 +99,8 @@ class Executor:
         cache = self.prefix_cache
         if cache is not None and plan.clear_cache:
             cache.clear()
+        if cache is not None and plan.prefetch:
+            cache.prefetch(plan.prefetch)  # background reads; nothing here waits for them
         # Dropped sequences store blocks, which may evict: pin what the new ones restore first.
         with cache.pinned(plan.new) if cache is not None else contextlib.nullcontext():
             drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]
@@ -102,6 +120,9 @@ class Executor:
                     self._cached_tokens.pop(seq.seq_id, None)
                     if cache is not None and uid in caches:
                         cache.on_sequence_done(seq, *caches[uid])
+            self.adapter_results = {}
+            if plan.adapters:
+                self.adapter_results = adapter_ops.apply_ops(self.adapters, plan.adapters, self.agree_min, cache)
             if plan.new:
                 self._insert(plan.new)
 
@@ -125,7 +146,7 @@ class Executor:
             max_tokens=[s.params.max_tokens for s in new],
             caches=caches if any(c is not None for c in caches) else None,
             all_tokens=cached_tokens,
-            samplers=[RowSampling(s.params, self.vocab_size, sequence_constraint(s.grammar)) for s in new],
+            samplers=[RowSampling(s.params, self.vocab_size, sequence_constraint(s.grammar), s.adapter) for s in new],
             logits_processors=[make_logits_processors(s.params, len(s.prompt)) for s in new],
             stop_sequences=[StopSequences([[t] for t in s.params.stop_token_ids] or None) for s in new],
         )

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlx_cluster.cache.restore_planner import RestorePlanner
 from mlx_cluster.engine.executor import TokenOutput
 from mlx_cluster.engine.output import TextAssembler
 from mlx_cluster.engine.plan import FLAG_CLEAR_CACHE, NewSequence, SamplingParams, StepPlan
@@ -36,6 +37,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     grammar: str = ""  # llguidance grammar constraining the output (constrain/grammar.py); "" = free
+    adapter: int = 0  # the LoRA adapter slot to run with (engine/adapters.py; 0 = none)
 
 
 @dataclass
@@ -112,6 +114,10 @@ class Frontend:
         self.max_new_per_step = max_new_per_step
         self.max_queue = max_queue
         self.prefix_cache = prefix_cache
+        # Prefetches a queued request's SSD blocks and holds it while that pays (cache/cost.py).
+        self.restores = RestorePlanner(prefix_cache) if prefix_cache is not None else None
+        if prefix_cache is not None and prefix_cache.ssd is not None:
+            prefix_cache.ssd.on_staged = self._wake_up
         self.hidden_ids = set(getattr(tokenizer, "all_special_ids", []) or []) | set(tokenizer.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -131,6 +137,8 @@ class Frontend:
         self.max_kv_tokens = max_kv_tokens
         self._kv_reserved = 0  # written by the engine thread, read by the HTTP thread
         self._kv_need: dict[int, int] = {}
+        self._running_adapters: dict[int, int] = {}  # running seq id -> its adapter slot, when not 0
+        self.adapter_scheduler = None  # engine/adapters.py AdapterScheduler, when adapters are served
         self.shutdown_requested = False
         self.stats = FrontendStats()
 
@@ -166,9 +174,22 @@ class Frontend:
         need = len(seq.prompt) + seq.params.max_tokens
         self._kv_need[seq.seq_id] = need
         self._kv_reserved += need
+        if seq.adapter:
+            self._running_adapters[seq.seq_id] = seq.adapter
 
     def _release(self, seq_id: int) -> None:
         self._kv_reserved -= self._kv_need.pop(seq_id, 0)
+        self._running_adapters.pop(seq_id, None)
+
+    def adapter_request(self, request) -> None:
+        """Load or unload a LoRA adapter (an engine/adapters.py AdapterRequest) on every rank."""
+        self._inbox.put(("adapter", request))
+        self._wake.set()
+
+    def adapters_applied(self, results: dict[int, str | None]) -> None:
+        """Every rank ran this step's adapter operations; `results` are rank 0's (slot -> error)."""
+        if self.adapter_scheduler is not None:
+            self.adapter_scheduler.applied(results)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -191,6 +212,9 @@ class Frontend:
         self._inbox.put(("clear_cache", done))
         self._wake.set()
 
+    def _wake_up(self) -> None:
+        self._wake.set()
+
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
         self._wake.set()
@@ -199,6 +223,8 @@ class Frontend:
     def wait_for_work(self, timeout_s: float) -> None:
         """Sleep while idle; wakes on a new request, an abort or shutdown."""
         if self._inbox.empty() and not self.shutdown_requested:
+            if self.restores is not None and self.restores.waiting_for_reads:
+                timeout_s = min(timeout_s, 0.02)  # a held request's wait may run out before its reads end
             self._wake.wait(timeout_s)
         self._wake.clear()
 
@@ -208,10 +234,13 @@ class Frontend:
 
     def next_plan(self, step: int, digest: int) -> StepPlan:
         self._drain_inbox()
+        waiting = list(self._waiting)
+        if self.restores is not None:
+            waiting = self._not_held(waiting)
         decision = schedule(
             SchedulerInput(
                 step=step,
-                waiting=list(self._waiting),
+                waiting=waiting,
                 running=frozenset(self._running),
                 drop=frozenset(self._drop),
                 max_batch_size=self.max_batch_size,
@@ -222,8 +251,13 @@ class Frontend:
             )
         )
         now = time.monotonic()
-        for _ in range(decision.admitted):
-            seq = self._waiting.popleft()
+        admitted = waiting[: decision.admitted]
+        if len(admitted) < len(self._waiting):
+            taken = {s.seq_id for s in admitted}
+            self._waiting = deque(s for s in self._waiting if s.seq_id not in taken)
+        else:
+            self._waiting.clear()
+        for seq in admitted:
             self._running.add(seq.seq_id)
             self._reserve(seq)
             state = self._seqs[seq.seq_id]
@@ -237,13 +271,29 @@ class Frontend:
         self._drop.clear()
         self._update_stats()
         plan = decision.plan
-        if self.prefix_cache is not None and plan.new:
-            # Decided at admission, not arrival, so blocks stored while the request queued count.
-            plan = dataclasses.replace(plan, new=tuple(self.prefix_cache.plan_sequence(s) for s in plan.new))
+        if self.restores is not None:
+            # Decided at admission, not arrival, so blocks stored or read while the request queued count.
+            new = tuple(self.restores.admitted(s) for s in plan.new)
+            plan = dataclasses.replace(plan, new=new, prefetch=self.restores.take_hints())
+        if self.adapter_scheduler is not None:
+            in_use = {s.adapter for s in self._waiting} | set(self._running_adapters.values())
+            ops = self.adapter_scheduler.next_ops(in_use)
+            if ops:
+                plan = dataclasses.replace(plan, adapters=ops)
         if self._clear_requested:
             plan = dataclasses.replace(plan, flags=plan.flags | FLAG_CLEAR_CACHE)
             self._clear_published, self._clear_requested = self._clear_requested, []
         return plan
+
+    def _not_held(self, waiting: list[NewSequence]) -> list[NewSequence]:
+        """The first waiting sequences not held back for their SSD reads, as many as one step admits."""
+        out = []
+        for seq in waiting:
+            if len(out) >= self.max_new_per_step:
+                break
+            if not self.restores.held(seq):
+                out.append(seq)
+        return out
 
     def _drain_inbox(self) -> None:
         while True:
@@ -257,6 +307,11 @@ class Frontend:
                 self._abort(item)
             elif kind == "clear_cache":
                 self._clear_requested.append(item)
+            elif kind == "adapter":
+                if self.adapter_scheduler is None:
+                    item.done("this server does not serve LoRA adapters")
+                else:
+                    self.adapter_scheduler.add(item)
             else:
                 for request in list(self._requests.values()):
                     request.req.deliver(ErrorEvent(item, 503, "shutting_down"))
@@ -279,10 +334,14 @@ class Frontend:
             if index:
                 # n > 1: independent samples of the same prompt, still reproducible from the seed.
                 params = SamplingParams(**{**params.__dict__, "seed": (params.seed + index) & 0xFFFFFFFFFFFFFFFF})
-            seq = NewSequence(seq_id=seq_id, prompt=tuple(req.prompt), params=params, grammar=req.grammar)
+            seq = NewSequence(
+                seq_id=seq_id, prompt=tuple(req.prompt), params=params, grammar=req.grammar, adapter=req.adapter
+            )
             assembler = TextAssembler(self.tokenizer.detokenizer, req.stop, self.hidden_ids)
             self._seqs[seq_id] = _Seq(request, index, assembler)
             self._waiting.append(seq)
+            if self.restores is not None:
+                self.restores.arrived(seq)
 
     def _abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -296,6 +355,8 @@ class Frontend:
         for seq_id, seq in list(self._seqs.items()):
             if seq.request is request:
                 del self._seqs[seq_id]
+                if self.restores is not None:
+                    self.restores.forget(seq_id)
                 if seq_id in self._running:
                     self._drop.add(seq_id)
         self._waiting = deque(s for s in self._waiting if s.seq_id in self._seqs)
@@ -373,6 +434,8 @@ class Frontend:
         self._running.clear()
         self._kv_need.clear()
         self._kv_reserved = 0
+        if self.adapter_scheduler is not None:
+            self.adapter_scheduler.fail_all(message)
 
     def _update_stats(self) -> None:
         s = self.stats

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-PLAN_VERSION = 3
+PLAN_VERSION = 5  # 4: LoRA adapter slots and operations; 5: prefetch hints for the SSD tier
 
 # Bounds a decoder enforces before allocating anything.
 MAX_NEW_SEQS = 1024
@@ -23,6 +23,8 @@ MAX_RESTORE_BLOCKS = 1 << 16
 # A compiled llguidance grammar (JSON schemas, tool signatures). Small enough that a plan with
 # the most new sequences a step admits (256) stays far below the bus's 64 MiB frame limit.
 MAX_GRAMMAR_BYTES = 128 << 10
+MAX_ADAPTER_OPS = 64
+MAX_ADAPTER_PATH_BYTES = 4096
 
 FLAG_IDLE = 1  # the batch is empty: the next plan is announced by the doorbell first
 FLAG_SHUTDOWN = 2  # every rank leaves its loop after this step
@@ -71,6 +73,16 @@ class NewSequence:
     # The llguidance grammar that constrains this sequence's output ("" = free). Compiled once on
     # rank 0; every rank builds its own matcher from the same string, so masks agree everywhere.
     grammar: str = ""
+    # The LoRA adapter slot the sequence runs with (models/lora.py; 0 = none).
+    adapter: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterOp:
+    """Load the adapter at `path` into `slot` on every rank, or (path "") empty the slot."""
+
+    slot: int
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,10 @@ class StepPlan:
     drop: tuple[int, ...] = ()
     flags: int = 0
     digest: int = 0  # rank 0's running digest of every token sampled before this step
+    adapters: tuple[AdapterOp, ...] = ()  # run after the drops and before the new sequences
+    # Prefix-cache blocks a queued request will want: each rank starts reading those on its SSD
+    # tier in the background, so they are in memory by the time the request is admitted.
+    prefetch: tuple[bytes, ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -217,8 +233,14 @@ def encode_plan(plan: StepPlan) -> bytes:
         w.blobs(seq.restore_blocks)
         w.blobs(seq.store_blocks)
         w.text(seq.grammar)
+        w.pack("H", seq.adapter)
     w.pack("I", len(plan.drop))
     w.parts.append(struct.pack(f"<{len(plan.drop)}Q", *plan.drop))
+    w.pack("I", len(plan.adapters))
+    for op in plan.adapters:
+        w.pack("H", op.slot)
+        w.text(op.path)
+    w.blobs(plan.prefetch)
     return b"".join(w.parts)
 
 
@@ -238,9 +260,23 @@ def decode_plan(data: bytes) -> StepPlan:
         restore = r.blobs(MAX_RESTORE_BLOCKS, "blocks to restore")
         store = r.blobs(MAX_RESTORE_BLOCKS, "blocks to store")
         grammar = r.text(MAX_GRAMMAR_BYTES, "grammar bytes")
-        new.append(NewSequence(seq_id, prompt, params, restore, store, grammar))
+        (adapter,) = r.unpack("H")
+        new.append(NewSequence(seq_id, prompt, params, restore, store, grammar, adapter))
     n_drop = r.count("I", MAX_DROPS, "dropped sequences")
     drop = r.unpack(f"{n_drop}Q") if n_drop else ()
+    adapters = []
+    for _ in range(r.count("I", MAX_ADAPTER_OPS, "adapter operations")):
+        (slot,) = r.unpack("H")
+        adapters.append(AdapterOp(slot, r.text(MAX_ADAPTER_PATH_BYTES, "adapter path bytes")))
+    prefetch = r.blobs(MAX_RESTORE_BLOCKS, "blocks to prefetch")
     if r.pos != len(r.data):
         raise PlanDecodeError(f"plan frame has {len(r.data) - r.pos} trailing bytes")
-    return StepPlan(step=step, new=tuple(new), drop=tuple(drop), flags=flags, digest=digest)
+    return StepPlan(
+        step=step,
+        new=tuple(new),
+        drop=tuple(drop),
+        flags=flags,
+        digest=digest,
+        adapters=tuple(adapters),
+        prefetch=prefetch,
+    )

@@ -34,7 +34,13 @@ def status(config: ClusterConfig, as_json: bool = False) -> int:
         return 3
     launcher_up = pid_alive(state.get("launcher_pid"))
     health = _health(state["http"]) if launcher_up else None
+    from mlx_cluster.launcher.status_view import api_key, fetch_status, print_rank_table
+
+    # Per-rank figures (memory, step time, tok/s) come from rank 0's /admin/status, when it answers.
+    cluster_status, why = fetch_status(state["http"], api_key(config)) if health is not None else (None, "")
     report = {**state, "launcher_alive": launcher_up, "health": health}
+    if cluster_status is not None:
+        report["ranks_live"] = cluster_status["ranks"]
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -46,10 +52,15 @@ def status(config: ClusterConfig, as_json: bool = False) -> int:
             f"ranks {state['world_size']}  restarts {state['restarts']}  uptime {uptime}"
         )
         print(f"api       {state['http']}/v1   health {health.get('status') if health else 'unreachable'}")
-        print(f"{'rank':>4}  {'host':<20} {'pid':>8}  state")
-        for r in state["ranks"]:
-            alive = pid_alive(r["pid"]) if r["local"] else (launcher_up and r["exit_code"] is None)
-            print(f"{r['rank']:>4}  {r['host']:<20} {r['pid'] or '-':>8}  {'up' if alive else 'down'}")
+        if cluster_status is not None:
+            print_rank_table(cluster_status)
+        else:
+            if why:
+                print(f"per-rank figures: {why}")
+            print(f"{'rank':>4}  {'host':<20} {'pid':>8}  state")
+            for r in state["ranks"]:
+                alive = pid_alive(r["pid"]) if r["local"] else (launcher_up and r["exit_code"] is None)
+                print(f"{r['rank']:>4}  {r['host']:<20} {r['pid'] or '-':>8}  {'up' if alive else 'down'}")
     serving = launcher_up and health is not None and health.get("status") in ("ok", "degraded", "overloaded")
     return 0 if serving else 1
 

@@ -39,6 +39,7 @@ class Placement:
     ranks: tuple[RankSpec, ...]
     doorbell: tuple[str, int]  # rank 0's address for the bus doorbell
     ports: tuple[tuple[str, int], ...]  # every (ip, port) the group will listen on
+    status_link: tuple[str, int] | None = None  # rank 0's address for the workers' status reports
 
 
 def _ips(host: HostSection, index: int, backend: str) -> list[str]:
@@ -100,8 +101,9 @@ def plan_placement(config: ClusterConfig) -> Placement:
         raise ConfigError("cluster.backend: mpi is started by mpirun, not by mlx-cluster; use ring, jaccl or nccl")
 
     doorbell = (ips0[0], next_port)
+    status_link = (ips0[0], next_port + 1)  # runtime/status_link.py: per-rank reports for the dashboard
     if world > 1:
-        ports.append(doorbell)
+        ports += [doorbell, status_link]
     ranks = []
     for i, (_, host, local_index) in enumerate(specs):
         env = {
@@ -111,9 +113,10 @@ def plan_placement(config: ClusterConfig) -> Placement:
             "MLX_CLUSTER_WORLD_SIZE": str(world),
             "MLX_CLUSTER_BACKEND": backend,
             "MLX_CLUSTER_DOORBELL": f"{doorbell[0]}:{doorbell[1]}",
+            "MLX_CLUSTER_STATUS_LINK": f"{status_link[0]}:{status_link[1]}",
         }
         ranks.append(RankSpec(rank=i, host=host, local_index=local_index, env=env))
-    return Placement(world, backend, tuple(ranks), doorbell, tuple(ports))
+    return Placement(world, backend, tuple(ranks), doorbell, tuple(ports), status_link)
 
 
 def _check_rdma(hosts, specs, backend: str) -> None:

@@ -31,6 +31,7 @@ from mlx_cluster.launcher.placement import (
     cuda_available,
     plan_placement,
 )
+from mlx_cluster.launcher.progress import ProgressDisplay
 from mlx_cluster.launcher.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.out = out
+        self.display = ProgressDisplay(out)  # per-rank load bars on a terminal, plain lines otherwise
         self.placement: Placement = plan_placement(config)
         self.run_dir = RunDir.for_cluster(config)
         self.procs: list = []
@@ -57,12 +59,12 @@ class Supervisor:
     # ---- output ---------------------------------------------------------------------
     def on_line(self, rank: int, host: str, line: str) -> None:
         with self._out_lock:
-            print(f"[rank {rank} {host}] {line}", file=self.out, flush=True)
+            self.display.line(rank, f"[rank {rank} {host}] {line}")
             self.run_dir.append_log(rank, line)
 
     def say(self, message: str) -> None:
         with self._out_lock:
-            print(f"mlx-cluster: {message}", file=self.out, flush=True)
+            self.display.line(None, f"mlx-cluster: {message}")
 
     # ---- lifecycle ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -148,6 +150,7 @@ class Supervisor:
                 **spec.env,
                 "MLX_CLUSTER_CONFIG": cfg_json,
                 "MLX_CLUSTER_BUS_TOKEN": token,
+                "MLX_CLUSTER_RESTARTS": str(self.restarts),  # shown on the dashboard
             }
             if spec.rank == 0 and self.http_socket is not None:
                 env["MLX_CLUSTER_HTTP_FD"] = str(self.http_socket.fileno())

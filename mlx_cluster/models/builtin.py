@@ -31,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlx_cluster.models.load_progress import LoadProgress
 from mlx_cluster.models.tokenizer_train import (
     EOS_TOKEN,
     EXTRA_TOKENS,
@@ -238,7 +239,9 @@ def init_tensor(name: str, shape: tuple[int, ...], dtype: str, zero_rows: list[i
     return weight.astype(getattr(mx, dtype))
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, zero_rows: list[int]) -> int:
+def _write_safetensors(
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, zero_rows: list[int], on_bytes=None
+) -> int:
     """Stream tensors into one safetensors file, generating each just before it is written.
 
     Writing the format by hand (8-byte header length, JSON header, raw little-endian data) keeps
@@ -263,6 +266,8 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
             weight = init_tensor(name, shape, dtype, rows)
             mx.eval(weight)
             f.write(memoryview(weight))
+            if on_bytes is not None:
+                on_bytes(weight.nbytes)
             del weight
     return offset
 
@@ -272,10 +277,23 @@ def _write_weights(out_dir: Path, preset: str, zero_rows: list[int]) -> None:
     plan = shard_plan(preset)
     dtype = PRESETS[preset]["torch_dtype"]
     weight_map, total = {}, 0
+    itemsize = _DTYPES[dtype][1]
+    # Progress lines (`writing weights: X of Y MB`): `up` draws them as a bar, like the load's.
+    progress = LoadProgress(
+        sum(math.prod(shape) * itemsize for tensors in plan for _, shape in tensors), "writing weights"
+    )
+    written = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal written
+        written += n
+        progress.update(written)
+
     for i, tensors in enumerate(plan, start=1):
         filename = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-        total += _write_safetensors(out_dir / filename, tensors, dtype, zero_rows)
+        total += _write_safetensors(out_dir / filename, tensors, dtype, zero_rows, on_bytes)
         weight_map.update({name: filename for name, _ in tensors})
+    progress.update(written, final=True)
     write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 

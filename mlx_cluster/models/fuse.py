@@ -58,6 +58,20 @@ class _Part(nn.Module):
         return self._memo.take(x, self._index)
 
 
+def quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
+    """x times a quantized layer's weight (transposed), without its bias."""
+    return mx.quantized_matmul(
+        x,
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
 class FusedProjection(nn.Module):
     """Several projections of one input as one matmul (dense or quantized, optional bias)."""
 
@@ -76,16 +90,7 @@ class FusedProjection(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.quantized:
-            y = mx.quantized_matmul(
-                x,
-                self["weight"],
-                scales=self["scales"],
-                biases=self.get("biases"),
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
+            y = quantized_matmul(x, self)
             return y + self["bias"] if "bias" in self else y
         if "bias" in self:
             return mx.addmm(self["bias"], x, self["weight"].T)

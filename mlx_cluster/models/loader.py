@@ -11,9 +11,10 @@ collective on ``mx.cpu`` that breaks under the NCCL backend. This loader instead
    row or column block for sharded tensors, the whole tensor for replicated ones.
 
 Checkpoints whose tensors ``model.sanitize()`` would rename or transform, models whose
-``shard()`` does something the recorder cannot reproduce, legacy quantization formats
-and adapters with tensor parallelism fall back to mlx-lm's full lazy load followed by
-``model.shard()``, with a warning. The loader does no collective communication at all.
+``shard()`` does something the recorder cannot reproduce and legacy quantization formats
+fall back to mlx-lm's full lazy load followed by ``model.shard()``, with a warning. The
+loader does no collective communication at all. An adapter is applied unfused, with each
+rank's part of its A and B (models/lora.py), so quantized weights stay exactly as stored.
 """
 
 from __future__ import annotations
@@ -26,26 +27,26 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.nn.layers.distributed as mlx_distributed
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import (
     _download,
     _get_classes,
     _takes_global_scale,
     infer_quant_config,
-    load_adapters,
     load_config,
     load_model,
     load_tokenizer,
 )
 
+from mlx_cluster.models.load_progress import LoadProgress
 from mlx_cluster.models.safetensors_reader import (
     SafetensorsReader,
     TensorInfo,
@@ -71,6 +72,9 @@ class LoadedModel:
     path: Path  # the local model directory
     fingerprint: str  # stable hex id of the model, see model_fingerprint()
     bytes_read: int  # bytes of weight data this rank read from disk
+    # How each parameter was sharded (None: whole), when the partial-read path loaded it:
+    # LoRA adapters split their A or B the same way (models/lora.py).
+    shard_specs: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -255,6 +259,15 @@ def sharded_shape(shape: tuple[int, ...], spec: ShardSpec | None) -> tuple[int, 
     axis = spec.axis % len(shape)
     kept = sum(hi - lo for lo, hi in spec.ranges(shape[axis]))
     return tuple(kept if i == axis else d for i, d in enumerate(shape))
+
+
+def shard_nbytes(info: TensorInfo, spec: ShardSpec | None) -> int:
+    """How many bytes `read_shard` reads for this tensor (for the load progress)."""
+    if spec is None:
+        return info.nbytes
+    axis = spec.axis % len(info.shape)
+    dim = info.shape[axis]
+    return info.nbytes * sum(stop - start for start, stop in spec.ranges(dim)) // max(1, dim)
 
 
 def read_shard(reader: SafetensorsReader, info: TensorInfo, spec: ShardSpec | None) -> mx.array:
@@ -455,38 +468,46 @@ def _plan_reads(model: nn.Module, group, after_shard=None) -> dict[str, ShardSpe
 def _load_partial(
     model_path: Path, config: dict, group, tensors: dict[str, TensorInfo], trust_remote_code: bool, after_shard=None
 ):
-    """Fast path: build, shard, and read only this rank's blocks. Returns (model, bytes_read)."""
+    """Fast path: build, shard, and read only this rank's blocks. Returns (model, bytes_read, plan)."""
     model = _build_unloaded_model(model_path, config, tensors, trust_remote_code)
     plan = _plan_reads(model, group, after_shard)
+    progress = LoadProgress(sum(shard_nbytes(tensors[name], spec) for name, spec in plan.items()))
     with SafetensorsReader() as reader:
-        weights = [(name, read_shard(reader, tensors[name], spec)) for name, spec in plan.items()]
+        weights = []
+        for name, spec in plan.items():
+            weights.append((name, read_shard(reader, tensors[name], spec)))
+            progress.update(reader.bytes_read)
+        progress.update(reader.bytes_read, final=True)
         opened = len(reader.files_opened)
     model.load_weights(weights, strict=True)
     logger.debug("read %d tensors from %d files", len(weights), opened)
-    return model, reader.bytes_read
+    return model, reader.bytes_read, plan
 
 
-def _fuse_adapters(model: nn.Module) -> None:
-    """Fold LoRA/DoRA layers into their base layers, so that model.shard() can split them."""
-    fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-
-
-def _load_full(model_path: Path, group, adapter_path, trust_remote_code: bool, after_shard=None):
-    """Slow path: mlx-lm's lazy full load, (adapters fused,) then shard. Returns (model, config)."""
+def _load_full(model_path: Path, group, trust_remote_code: bool, after_shard=None):
+    """Slow path: mlx-lm's lazy full load, then shard. Returns (model, config)."""
     model, config = load_model(model_path, lazy=True, strict=True, trust_remote_code=trust_remote_code)
     if group.size() > 1:
         if not hasattr(model, "shard"):
             raise ValueError(f"model at {model_path} does not support tensor parallelism (no shard() method)")
-        if adapter_path is not None:
-            # mlx-lm's LoRA layers cannot wrap sharded linears: fuse before sharding.
-            model = load_adapters(model, str(adapter_path))
-            _fuse_adapters(model)
         model.shard(group)
     if after_shard is not None:
         after_shard(model)
     return model, config
+
+
+def apply_adapter(model: nn.Module, group, shard_specs: dict, adapter_path: str):
+    """Apply one LoRA adapter to every forward of a loaded model (this rank's part under TP).
+
+    The serving engine does not use this: it loads adapters into slots chosen per request
+    (engine/adapters.py). Returns the AdapterSet.
+    """
+    from mlx_cluster.models.lora import AdapterSet, linear_layouts
+
+    adapters = AdapterSet(model, linear_layouts(model, group, shard_specs), group, max_adapters=1)
+    adapters.install(1, adapters.read(adapter_path))
+    adapters.rows.index = mx.array([1], dtype=mx.int32)  # every row, whatever the batch size
+    return adapters
 
 
 # ---------------------------------------------------------------------------
@@ -530,27 +551,24 @@ def load_model_shard(
         raise ValueError(f"no safetensors weights found in {model_path}")
     fingerprint = model_fingerprint(model_path, adapter_path)
 
-    model = None
-    if adapter_path is not None and tp_size > 1:
-        reason = "adapters are fused into the full weights before sharding"
-    else:
-        try:
-            model, bytes_read = _load_partial(model_path, config, group, tensors, trust_remote_code, after_shard)
-        except _NeedsFullLoad as e:
-            reason = str(e)
+    model, shard_specs = None, {}
+    try:
+        model, bytes_read, shard_specs = _load_partial(
+            model_path, config, group, tensors, trust_remote_code, after_shard
+        )
+    except _NeedsFullLoad as e:
+        reason = str(e)
     if model is None:
         logger.warning(
             "Not using the partial-read fast path for %s (%s): every rank reads all the weights.", model_path, reason
         )
-        model, config = _load_full(model_path, group, adapter_path, trust_remote_code, after_shard)
+        model, config = _load_full(model_path, group, trust_remote_code, after_shard)
         # Every rank reads every tensor it keeps (or a slice of) in full.
         bytes_read = sum(info.nbytes for info in tensors.values())
 
     mx.eval(model.parameters())
-    if adapter_path is not None and tp_size == 1:
-        model = load_adapters(model, str(adapter_path))
-        model.eval()
-        mx.eval(model.parameters())
+    if adapter_path is not None:
+        apply_adapter(model, group, shard_specs, adapter_path)
 
     tokenizer = load_tokenizer(
         model_path,
@@ -572,4 +590,5 @@ def load_model_shard(
         path=model_path,
         fingerprint=fingerprint,
         bytes_read=bytes_read,
+        shard_specs=shard_specs,
     )

@@ -34,6 +34,8 @@ class RankContext:
         # The plan link's address (rank 0 listens there); the variable kept its first name.
         self.plan_link_addr = environ.get("MLX_CLUSTER_DOORBELL", "127.0.0.1:0")
         self.bus_token = environ.get("MLX_CLUSTER_BUS_TOKEN", "")
+        self.status_link_addr = environ.get("MLX_CLUSTER_STATUS_LINK", "")
+        self.restarts = int(environ.get("MLX_CLUSTER_RESTARTS", "0"))
         http_fd = environ.get("MLX_CLUSTER_HTTP_FD")
         self.http_fd = int(http_fd) if http_fd else None
         parent = environ.get("MLX_CLUSTER_PARENT_PID")
@@ -45,6 +47,7 @@ class RankContext:
         self.state = None  # ServerState on rank 0
         self.frontend = None
         self.engine = None
+        self.status = None  # runtime/status_link.py RankStatus
         self.uvicorn_server = None
         self.exit_code = 0
 
@@ -90,13 +93,17 @@ def build_engine(ctx: RankContext, stream):
 
     from mlx_cluster import constrain
     from mlx_cluster.agent.formats import marker_token_ids
+    from mlx_cluster.engine.adapters import AdapterScheduler, attach_adapters
     from mlx_cluster.engine.engine import Engine
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
+    from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
     from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
+    from mlx_cluster.models.lora import linear_layouts
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
+    from mlx_cluster.runtime.status_link import RankStatus
     from mlx_cluster.server.generation import Limits
     from mlx_cluster.server.turn import make_agent_setup
 
@@ -115,12 +122,15 @@ def build_engine(ctx: RankContext, stream):
         time.monotonic() - t0,
         loaded.bytes_read / 1e6,
     )
+    layouts = linear_layouts(loaded.model, ctx.group, loaded.shard_specs)  # before fusion: LoRA sharding
     # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
     # MoE experts and other shapes are left as they are).
     log.info("fused %d projection groups", fuse_projections(loaded.model))
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
     constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
     sched = cfg.scheduler
+    live_kv = resolve_live_kv(cfg.cache, loaded.model)  # quantized live KV, or None (engine/kv_quant.py)
+    budget = kv_budget(sched.max_kv_tokens, loaded.model, live_kv, ctx.rank)
     executor = Executor(
         loaded.model,
         vocab_size=vocab_size,
@@ -128,19 +138,27 @@ def build_engine(ctx: RankContext, stream):
         prefill_batch_size=sched.prefill_batch_size,
         prefill_chunk=sched.prefill_chunk_tokens,
         stream=stream,
+        live_kv=live_kv,
     )
     warmup(executor, token_id=0)
     executor.stats.__init__()
     # Attached after the warmup so its throwaway sequence stores nothing.
-    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group)
+    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
+    adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
     link = PlanLink(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
-    link.connect()
     sup = cfg.supervisor
+    # Per-rank reports for the dashboard travel on their own link, never on the lock-step plan link.
+    ctx.status = RankStatus(
+        ctx.rank, ctx.world_size, ctx.status_link_addr, ctx.bus_token, sup.heartbeat_s, sup.startup_timeout_s
+    )
+    link.connect()
+    ctx.status.joined()
     bus = ControlBus(link, silence_timeout_s=sup.collective_timeout_s)
     if prefix_cache is not None:
         prefix_cache.agree_min = bus.agree_min
+    executor.agree_min = bus.agree_min
 
     frontend = None
     if ctx.rank == 0:
@@ -150,10 +168,13 @@ def build_engine(ctx: RankContext, stream):
             max_new_per_step=sched.prefill_batch_size,
             max_queue=sched.max_queue,
             prefix_cache=prefix_cache,
-            max_kv_tokens=sched.max_kv_tokens,
+            max_kv_tokens=budget.tokens,
         )
         ctx.frontend = frontend
+        if adapters is not None:
+            frontend.adapter_scheduler = AdapterScheduler(adapters)
         state = ctx.state
+        state.adapters = adapters
         state.tokenizer = loaded.tokenizer
         state.agent = agent = make_agent_setup(cfg.model, loaded.tokenizer, vocab_size)
         # Tool-call and think markers may be special tokens; the parsers must see them in the text.
@@ -171,18 +192,28 @@ def build_engine(ctx: RankContext, stream):
         )
     engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
+    on_report = None
+    if ctx.state is not None:
+        from mlx_cluster.server.status import attach_status
+
+        on_report = attach_status(ctx.state, ctx.status.board, ctx.restarts)
+    ctx.status.start(engine, on_report)
     mx.synchronize()
     return engine
 
 
-def make_prefix_cache(cache_cfg, loaded, group):
+def make_prefix_cache(cache_cfg, loaded, group, live_kv=None):
     """The prefix cache for this rank's shard, or None when the model's cache cannot be cut into blocks."""
     from mlx_cluster.cache import PrefixCache, kv_dtype, supports_prefix_cache
 
     if not supports_prefix_cache(loaded.model):
         log.warning("prefix caching is off: this model's KV cache is not a plain per-layer KVCache")
         return None
-    return PrefixCache(cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group)
+    cache = PrefixCache(
+        cache_cfg, fingerprint=loaded.fingerprint, dtype=kv_dtype(loaded.model), group=group, live=live_kv
+    )
+    cache.calibrate()
+    return cache
 
 
 def engine_thread_main(ctx: RankContext) -> None:
@@ -226,6 +257,8 @@ def engine_thread_main(ctx: RankContext) -> None:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if ctx.status is not None:
+            ctx.status.close()
         if ctx.uvicorn_server is not None:
             ctx.uvicorn_server.should_exit = True
 
@@ -269,6 +302,9 @@ def serve_http(ctx: RankContext) -> None:
     from mlx_cluster.server.metrics import Metrics
 
     ctx.state.metrics = Metrics(ctx.config.model.served_name)
+    from mlx_cluster.server.tracing import make_request_tracer
+
+    ctx.state.metrics.tracer = make_request_tracer(ctx.config.server.otlp_endpoint, ctx.config.cluster.name)
     app = create_app(ctx.state)
     server_cfg = ctx.config.server
     kwargs = {"fd": ctx.http_fd} if ctx.http_fd is not None else {"host": server_cfg.host, "port": server_cfg.port}

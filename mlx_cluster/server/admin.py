@@ -53,14 +53,20 @@ def admin_router(state) -> APIRouter:
 
     @router.get("/admin/cache")
     async def cache_stats():
-        """Rank 0's tiers. The RAM tier is identical on every rank (it follows the plan); SSD
-        tiers are per rank and may differ, and only rank 0's is reported here."""
+        """Rank 0's tiers at the top level (live), and every rank's under `ranks` (from the
+        status reports, at most a heartbeat old). The RAM tier holds the same blocks on every
+        rank (it follows the plan); SSD tiers and the measured costs are per rank."""
         cache = _cache(state)
+        status = getattr(state, "cluster_status", None)
+        ranks = []
+        for r in status.board.snapshot() if status is not None else []:
+            ranks.append({"rank": r["rank"], "up": r["up"], "age_s": r["age_s"], **(r.get("cache") or {})})
         return {
             "object": "cache.stats",
             "world_size": state.world_size,
             "ram_tier_mirrored": True,
             **cache.stats().to_dict(),
+            "ranks": ranks,
         }
 
     @router.post("/admin/cache/clear")

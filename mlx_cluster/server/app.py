@@ -25,7 +25,6 @@ from mlx_cluster.server.generation import (
     Choice,
     Limits,
     RequestStream,
-    check_model,
     chunk,
     completion_prompt,
     echo_chunk,
@@ -35,6 +34,7 @@ from mlx_cluster.server.generation import (
     sse_response,
     usage_chunk,
 )
+from mlx_cluster.server.lora_routes import adapter_cards, lora_router, resolve_model
 from mlx_cluster.server.messages import CountTokensRequest, MessagesRequest, count_tokens_endpoint, messages_endpoint
 from mlx_cluster.server.protocol import (
     APIError,
@@ -71,6 +71,8 @@ class ServerState:
     wedged_after_s: float = 30.0
     agent: object | None = None  # server/turn.py AgentSetup: tool / reasoning formats, grammar compiler
     responses: object | None = None  # server/responses.py ResponseStore
+    adapters: object | None = None  # engine/adapters.py AdapterRegistry (None: LoRA adapters off)
+    cluster_status: object | None = None  # server/status.py ClusterStatus: every rank's reports, history
 
     @property
     def model_name(self) -> str:
@@ -193,6 +195,10 @@ def create_app(state: ServerState) -> FastAPI:
     from mlx_cluster.server.admin import admin_router  # imported here: admin.py imports this module
 
     app.include_router(admin_router(state))
+    app.include_router(lora_router(state))
+    from mlx_cluster.server.status import status_router
+
+    app.include_router(status_router(state))  # GET /admin/status, the dashboard at / and /dashboard
 
     # ---- models ---------------------------------------------------------------------
     def model_card() -> dict:
@@ -200,25 +206,19 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(), *adapter_cards(state)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        if model_id != state.model_name:
-            raise APIError(
-                404,
-                f"the model {model_id!r} does not exist; this server serves {state.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        return model_card()
+        resolve_model(state, model_id)  # 404 for names this server does not serve
+        return next(c for c in (model_card(), *adapter_cards(state)) if c["id"] == model_id)
 
     # ---- generation -----------------------------------------------------------------
     async def accept(request: Request, model_cls):
         """Every generation route's front door: bounded body, validated, this model, serving."""
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(model_cls, data)
-        check_model(req.model, state.model_name)
+        resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
         check_serving(state)
         return req
 
@@ -256,7 +256,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(request: Request, kind: str):
         req = await accept(request, ChatCompletionRequest if kind == "chat" else CompletionRequest)
         timeout_s = state.config.server.request_timeout_s
-        stream = RequestStream(asyncio.get_running_loop(), kind, state.model_name)
+        stream = RequestStream(asyncio.get_running_loop(), kind, resolve_model(state, req.model))
         if kind == "chat":
             turn = prepare_turn(state, req)
             submit(state, stream, turn)

@@ -208,17 +208,6 @@ def make_request(stream: RequestStream, prompt: list[int], params: SamplingParam
     )
 
 
-def check_model(model: str | None, served: str) -> None:
-    """404 for a request naming another model than the one this server serves."""
-    if model is not None and model != served:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {served!r}",
-            param="model",
-            code="model_not_found",
-        )
-
-
 def sse_response(body) -> StreamingResponse:
     return StreamingResponse(
         body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_cluster.agent.output import Content, Reasoning, ToolCall
 from mlx_cluster.server.generation import RequestStream, sse_response
+from mlx_cluster.server.lora_routes import resolve_model
 from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, anthropic_error_body, parse_request
 from mlx_cluster.server.turn import finish, prepare_turn, run_until_done, submit, turn_events
 
@@ -361,7 +362,7 @@ async def stream_messages(state, stream: RequestStream, turn, timeout_s: float):
 async def messages_endpoint(state, request, req: MessagesRequest) -> Response:
     chat = to_chat(req)
     turn = _prepare(state, chat)
-    stream = RequestStream(asyncio.get_running_loop(), "chat", state.model_name)
+    stream = RequestStream(asyncio.get_running_loop(), "chat", resolve_model(state, req.model))
     stream.id = "msg_" + uuid.uuid4().hex[:24]
     submit(state, stream, turn)
     timeout_s = state.config.server.request_timeout_s

@@ -115,6 +115,10 @@ class Metrics:
             registry=r,
         )
         self.cache_extra = None  # set by the prefix cache: a callable adding its own samples
+        from mlx_cluster.server.status import RankGauges
+
+        self.tracer = None  # set when server.otlp_endpoint is (server/tracing.py)
+        self.ranks = RankGauges(self)  # every rank's figures from its status reports (server/status.py)
 
     # ---- per request (HTTP side, asyncio thread) ---------------------------------------
     def request_started(self, prompt_len: int) -> None:
@@ -136,6 +140,8 @@ class Metrics:
         if getattr(stream, "counted", False):
             return
         stream.counted = True
+        if self.tracer is not None:  # server/tracing.py: one OpenTelemetry trace per request
+            self.tracer.request_finished(stream, outcome)
         m = self.model_name
         now = time.monotonic()
         if outcome != "ok":
@@ -177,6 +183,9 @@ class Metrics:
             self.bus_messages.labels(m, "0").set(bus.messages)
             self.bus_device_syncs.labels(m, "0").set(bus.device_syncs)
             self.bus_plans.labels(m, "0").set(bus.plans)
+        cluster_status = getattr(state, "cluster_status", None)
+        if cluster_status is not None:  # every rank's figures, from their status reports
+            cluster_status.scrape(self)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _cache_samples(self, stats) -> None:

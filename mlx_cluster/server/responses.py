@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlx_cluster.agent.output import Content, Reasoning, ToolCall, collect
 from mlx_cluster.server.generation import RequestStream, sse, sse_response
+from mlx_cluster.server.lora_routes import resolve_model
 from mlx_cluster.server.protocol import APIError, ChatCompletionRequest, parse_request
 from mlx_cluster.server.turn import finish, prepare_turn, run_until_done, submit, turn_events
 
@@ -393,7 +394,7 @@ class ResponseRun:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
-            "model": self.state.model_name,
+            "model": req.model or self.state.model_name,
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,
@@ -454,7 +455,7 @@ def prepare(state, req: ResponsesRequest) -> ResponseRun:
 
 async def responses_endpoint(state, request, req: ResponsesRequest) -> Response:
     run = prepare(state, req)
-    stream = RequestStream(asyncio.get_running_loop(), "chat", state.model_name)
+    stream = RequestStream(asyncio.get_running_loop(), "chat", resolve_model(state, req.model))
     stream.id = run.id
     submit(state, stream, run.turn)
     timeout_s = state.config.server.request_timeout_s

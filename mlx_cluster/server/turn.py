@@ -23,6 +23,7 @@ from mlx_cluster.constrain.grammar import Answer, ConstraintSpec, GrammarCompile
 from mlx_cluster.engine.frontend import GenerationRequest, TokenEvent
 from mlx_cluster.engine.plan import MAX_GRAMMAR_BYTES, SamplingParams
 from mlx_cluster.server.generation import RequestStream, chat_text, sampling_params, usage
+from mlx_cluster.server.lora_routes import adapter_slot
 from mlx_cluster.server.protocol import APIError, ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def submit(state, stream: RequestStream, turn: Turn) -> None:
         raise APIError(
             400,
             f"prompt + max_tokens ({(len(prompt) + params.max_tokens) * n} tokens for n={n}) "
-            f"exceeds this server's KV budget of {state.config.scheduler.max_kv_tokens} tokens",
+            f"exceeds this server's KV budget of {frontend.max_kv_tokens} tokens",
             param="max_tokens",
             code="context_length_exceeded",
         )
@@ -276,6 +277,7 @@ def submit(state, stream: RequestStream, turn: Turn) -> None:
         n=n,
         stop=turn.stop,
         grammar=turn.grammar,
+        adapter=adapter_slot(state, stream.model),
     )
     if not frontend.submit(request):
         raise APIError(

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The prefix cache's tiers against no SSD tier, side by side in one run (issue: tiers that never
+# make serving slower). One server after another on the same model and the same prompts:
+#   off     cache.ssd.enabled: false             cold prompts (c=1 TTFT, c=32 throughput), then
+#                                                the same c=1 prompts again (RAM hits)
+#   ssd     SSD tier on, write_through         cold, writing every block as it is stored
+#   warm    the same SSD directory, restarted    every prefix is an SSD hit (RAM empty)
+#   long    SSD off, LONG-token prompts          cold, then the same prompts again (RAM hits)
+# Usage (CPU or GPU):  bash benchmarks/ssd_tier.sh [PRESET] [OUT_DIR]
+# Env: RANKS (1), INPUT (512), OUTPUT (128), N1 (8), N32 (96), LONG (8192), BACKEND (ring),
+# SSD_GB (auto; give room for every prompt's blocks, or the warm run is partly cold).
+set -uo pipefail
+preset=${1:-8b}
+out=${2:-/tmp/ssd-tier}
+ranks=${RANKS:-1} input=${INPUT:-512} output=${OUTPUT:-128} n1=${N1:-8} n32=${N32:-96} long=${LONG:-8192}
+mkdir -p "$out" && rm -rf "$out/kv" "$out/summary.txt"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONPATH=$(pwd):${PYTHONPATH:-}
+py=python3
+model=${MODEL_DIR:-/tmp/mlxc-$preset}
+source "$(dirname "$0")/servers.sh"
+[ -d "$model" ] || $py -m mlx_cluster make-model "$model" --preset "$preset" >/dev/null || exit 1
+
+bench() {  # label concurrency num_requests seed input_len
+  $py -m mlx_cluster bench http://127.0.0.1:8111 --model m --json --no-progress --concurrency "$2" \
+    --num-requests "$3" --seed "$4" --input-len "$5" --output-len "$output" --warmup 0 \
+    > "$out/$1.json" 2>>"$out/errors.txt"
+  $py - "$out/$1.json" "$1" <<'PY' | tee -a "$out/summary.txt"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+    print(f"{sys.argv[2]:>14}: {r['output_throughput_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms']['p50']:8.1f} ms  "
+          f"TPOT p50 {r['tpot_ms']['p50']:6.2f} ms  errors {r['errors']}")
+except Exception as e:
+    print(f"{sys.argv[2]:>14}: no result ({e})")
+PY
+}
+
+serve() {  # name ssd_enabled max_prompt_tokens
+  cat > "$out/$1.yaml" <<YAML
+cluster: {name: ssd-bench, run_dir: $out/runs, backend: ${BACKEND:-ring}}
+hosts: [{host: localhost, ranks: $ranks}]
+model: {path: $model, name: m}
+server: {port: 8111}
+scheduler: {max_batch_size: 32, max_prompt_tokens: $3, max_kv_tokens: 600000}
+cache: {ssd: {enabled: $2, dir: $out/kv, policy: write_through, max_gb: ${SSD_GB:-auto}}}
+YAML
+  setsid $py -m mlx_cluster up "$out/$1.yaml" > "$out/$1.log" 2>&1 &
+  pid=$!
+  wait_up http://127.0.0.1:8111 $pid || { echo "$1 did not come up"; tail -20 "$out/$1.log"; return 1; }
+}
+
+# A warm-up server run first, so page cache and compile caches favour no one.
+serve warmup false 8192 && bench warmup-c1 1 2 99 "$input"; stop $pid
+serve off false 8192 && { bench off-c1 1 "$n1" 1 "$input"; bench off-c32 32 "$n32" 2 "$input"; bench off-c1-ram 1 "$n1" 1 "$input"; }; stop $pid
+serve ssd true 8192 && { bench ssd-c1 1 "$n1" 1 "$input"; bench ssd-c32 32 "$n32" 2 "$input"; }; stop $pid
+serve warm true 8192 && { bench warm-c1 1 "$n1" 1 "$input"; bench warm-c32 32 "$n32" 2 "$input"; }; stop $pid
+curl -s http://127.0.0.1:8111/admin/cache > /dev/null 2>&1
+serve long false $((long + 1024)) && { bench long-cold 1 4 3 "$long"; bench long-ram 1 4 3 "$long"; }; stop $pid
+grep -h "prefix cache\|SSD KV" "$out"/warm.log | head -5 | tee -a "$out/summary.txt"
+$py - "$out" <<'PY' | tee -a "$out/summary.txt"
+import json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+def r(name):
+    try: return json.loads((d / f"{name}.json").read_text())
+    except Exception: return None
+def ratio(a, b, key, sub=None):
+    ra, rb = r(a), r(b)
+    if not ra or not rb: return "n/a"
+    va, vb = (ra[key][sub], rb[key][sub]) if sub else (ra[key], rb[key])
+    return f"{va / vb:.3f}x" if vb else "n/a"
+print("warm SSD hits vs SSD off, c=1 TTFT p50:", ratio("warm-c1", "off-c1", "ttft_ms", "p50"), "(goal <= 1.05)")
+print("warm SSD hits vs SSD off, c=32 tok/s:  ", ratio("warm-c32", "off-c32", "output_throughput_tok_s"), "(goal >= 0.97)")
+print("SSD on (writing) vs off, c=32 TPOT p50:", ratio("ssd-c32", "off-c32", "tpot_ms", "p50"), "(goal <= 1.03)")
+print("RAM hit vs cold, c=1 TTFT p50:         ", ratio("off-c1-ram", "off-c1", "ttft_ms", "p50"))
+print("RAM hit vs cold, long prompts TTFT p50:", ratio("long-ram", "long-cold", "ttft_ms", "p50"), "(goal <= 0.3)")
+PY

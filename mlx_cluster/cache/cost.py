@@ -1,0 +1,124 @@
+"""What a prefix-cache hit is worth on this machine: restore only what is cheaper than recompute.
+
+A restored block saves prefilling `block_size` tokens and costs getting its KV into the batch:
+from the RAM tier a copy on the device; from the SSD tier a read and a checksum first. Which is
+cheaper depends on the machine, measured here, not assumed: an H200 prefills an 8B model at ~30k
+tokens/s, so re-reading 2 MB of KV per 16 tokens from disk loses to recomputing it, while a Mac
+prefilling ~1k tokens/s wins big from the same read (numbers in docs/benchmarks.md).
+
+Each rank measures, online:
+* `prefill`: seconds per prompt token, from every prefill chunk the batcher runs (decode.py),
+* `copy`: seconds per byte to turn an in-memory block into KV on the device (calibrated at start),
+* the SSD tier's read cost: seconds per byte to read and verify a file (ssd.py, every read).
+
+Rank 0 plans with its own figures: restores use only blocks already in memory, and a queued
+request is held for its SSD prefetch only while the reads still pending are expected to take
+less time than prefilling those blocks would (`worth_waiting`). Until a figure has been
+measured, the rule is to restore (as before this model existed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Ewma:
+    """An exponentially weighted mean of samples (None until the first one)."""
+
+    def __init__(self, alpha: float = 0.2, value: float | None = None):
+        self.alpha = alpha
+        self.value = value
+        self.samples = 0
+
+    def add(self, x: float) -> None:
+        self.samples += 1
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
+UNMEASURED_WAIT_S = 1.0  # how long a request may wait for a prefetch before any cost is known
+
+
+@dataclass
+class RestoreDecision:
+    blocks: int  # leading blocks to restore now (all already in memory)
+    wait_s: float  # how long the request may still be held for blocks being read (0: do not wait)
+
+
+class CostModel:
+    """Per-rank cost figures and the decisions rank 0 takes with them."""
+
+    def __init__(self, block_size: int, block_bytes: int = 0):
+        self.block_size = block_size
+        self.block_bytes = block_bytes  # bytes of one block on this rank (set once the shapes are known)
+        self.prefill = Ewma()  # seconds per prompt token
+        self.copy = Ewma()  # seconds per byte, memory -> KV on the device
+        self.ssd_read = None  # the SSD tier's Ewma (seconds per byte), when it has one
+
+    # ---- measurements ------------------------------------------------------------------
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill chunk of `tokens` prompt tokens took `seconds` (small chunks are noise)."""
+        if tokens >= 16 and seconds > 0:
+            self.prefill.add(seconds / tokens)
+
+    # ---- figures -----------------------------------------------------------------------
+    def prefill_block_s(self) -> float | None:
+        p = self.prefill.value
+        return None if p is None else p * self.block_size
+
+    def memory_block_s(self) -> float:
+        """Restoring one block already in memory."""
+        c = self.copy.value
+        return 0.0 if c is None else c * self.block_bytes
+
+    def read_block_s(self, nbytes: int | None = None) -> float | None:
+        """Reading and verifying one block's file from the SSD tier (None until measured)."""
+        r = self.ssd_read.value if self.ssd_read is not None else None
+        return None if r is None else r * (nbytes if nbytes is not None else self.block_bytes)
+
+    # ---- decisions ---------------------------------------------------------------------
+    def reads_pay(self) -> bool | None:
+        """Whether reading a block from SSD beats prefilling it (None: not measured yet)."""
+        prefill, read = self.prefill_block_s(), self.read_block_s()
+        if prefill is None or read is None:
+            return None
+        return read + self.memory_block_s() < prefill
+
+    def plan(self, where: list[str], sizes: list[int] | None = None) -> RestoreDecision:
+        """Given where each leading block of a prompt is on this rank ("memory": RAM tier or
+        already prefetched; "reading": prefetch in flight), how many to restore now and how long
+        the request may wait for the reads.
+
+        Blocks in memory are restored when one costs less than prefilling it. The blocks behind
+        them that are still being read are never waited for inside a step; the request waits
+        (outside any step, others keep running) only while reading them is expected to beat
+        prefilling them, and at most for the prefill time they would save.
+        """
+        prefill = self.prefill_block_s()
+        restore = self.memory_block_s()
+        if prefill is not None and restore >= prefill:
+            return RestoreDecision(0, 0.0)  # even memory hits lose to recomputing here
+        n = 0
+        while n < len(where) and where[n] == "memory":
+            n += 1
+        behind = len(where) - n  # blocks a wait could add (some may already be in memory)
+        if not behind:
+            return RestoreDecision(n, 0.0)
+        sizes = sizes or [self.block_bytes] * len(where)
+        reads = [self.read_block_s(b) for b, w in zip(sizes[n:], where[n:]) if w != "memory"]
+        if prefill is None or any(r is None for r in reads):
+            return RestoreDecision(n, UNMEASURED_WAIT_S)  # nothing to weigh yet: presume the tier helps
+        saved = behind * (prefill - restore)
+        return RestoreDecision(n, saved if sum(reads) < saved else 0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "prefill_s_per_token": self.prefill.value,
+            "prefill_samples": self.prefill.samples,
+            "copy_s_per_byte": self.copy.value,
+            "ssd_read_s_per_byte": self.ssd_read.value if self.ssd_read is not None else None,
+            "ssd_read_samples": self.ssd_read.samples if self.ssd_read is not None else 0,
+            "block_bytes": self.block_bytes,
+            "prefill_block_s": self.prefill_block_s(),
+            "memory_block_s": self.memory_block_s(),
+            "ssd_block_s": self.read_block_s(),
+        }

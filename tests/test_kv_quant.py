@@ -1,0 +1,278 @@
+"""Quantized live KV (`cache.kv_bits` / `cache.live_kv_bits`, engine/kv_quant.py).
+
+Equivalence: the engine's quantized batch gives, for each sequence, the greedy tokens of mlx-lm's
+own single stream with a `QuantizedKVCache` from the first token (quantized as written, every
+attention reading the quantized cache). mlx-lm's `generate(kv_bits=...)` is not the reference:
+it attends its first prefill chunk at full precision and quantizes after it.
+
+On random-weight checkpoints of real architectures (tests/test_checkpoints.py): one rank in
+process, two ranks over HTTP (the digest check holds with concurrent rows joining and
+leaving), models that cannot use it (MLA, sinks + rotating caches), the memory it takes from
+the cache's own nbytes, and prefix-cache blocks stored from a quantized cache and restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, make_prompt_cache
+
+from mlx_cluster.cache.testing import cache_config, generate, load_tiny, make_executor, random_prompt
+from mlx_cluster.config import CacheSection
+from mlx_cluster.engine.kv_quant import (
+    BatchQuantizedKVCache,
+    LiveKV,
+    QuantizedSequenceCache,
+    kv_budget,
+    resolve_live_kv,
+)
+from tests.cluster import Cluster
+from tests.test_checkpoints import MIN_MARGIN, SPECS, build_checkpoint, silent_tokens
+
+pytestmark = pytest.mark.slow
+
+ARCHS = ("llama", "qwen3_moe")
+MAX_TOKENS = 10
+# In bfloat16 these random models' logits differ by ~1.5 between one and two ranks (partial
+# sums in another order), as much as 8-bit KV moves them, so TP=1 and TP=2 identity is checked
+# on float32 copies of the same checkpoints; the one-rank check runs on both.
+F32_MIN_MARGIN = 0.02
+F32 = {f"{arch}-f32": dataclasses.replace(SPECS[arch], dtype="float32") for arch in ARCHS}
+
+
+# ---------------------------------------------------------------------------
+# The cache itself, against mlx-lm's BatchKVCache (no model)
+# ---------------------------------------------------------------------------
+
+
+def _kv(rows: int, tokens: int, seed: int, heads: int = 2, dim: int = 64):
+    k = mx.random.normal((rows, heads, tokens, dim), key=mx.random.key(seed)).astype(mx.bfloat16)
+    return k, (k * 0.5 + 1).astype(mx.bfloat16)
+
+
+def _dq(parts, live: LiveKV):
+    return mx.dequantize(*parts, group_size=live.group_size, bits=live.bits)
+
+
+def _same(q: BatchQuantizedKVCache, ref: BatchKVCache, live: LiveKV) -> None:
+    """`q` holds, row by row and position by position, the quantized form of `ref`."""
+    assert q._idx == ref._idx
+    assert q.left_padding.tolist() == ref.left_padding.tolist() and q.offset.tolist() == ref.offset.tolist()
+    qk, qv = q.keys_and_values()
+    rk, rv = ref.keys_and_values()
+    for got, want in ((qk, rk), (qv, rv)):
+        want_q = _dq(mx.quantize(want, group_size=live.group_size, bits=live.bits), live)
+        assert mx.array_equal(_dq(got, live), want_q).item()
+
+
+def test_batch_cache_operations_mirror_mlx_lm_batch_cache():
+    live = LiveKV(8, 64)
+    # merge two sequences of different lengths (one empty), prefill right-padded, then finalize
+    seqs = [_kv(1, n, seed=n) for n in (5, 9)]
+    singles_q, singles = [], []
+    for k, v in seqs:
+        qc, c = QuantizedSequenceCache(live.group_size, live.bits), KVCache()
+        qc.update_and_fetch(k, v)
+        c.update_and_fetch(k, v)
+        singles_q.append(qc)
+        singles.append(c)
+    singles_q.append(QuantizedSequenceCache(live.group_size, live.bits))
+    singles.append(KVCache())
+    q, ref = BatchQuantizedKVCache.merge(singles_q), BatchKVCache.merge(singles)
+    _same(q, ref, live)
+    for c in (q, ref):
+        c.prepare(lengths=[3, 1, 2], right_padding=[0, 2, 1])
+    k, v = _kv(3, 3, seed=3)
+    q.update_and_fetch(k, v)
+    ref.update_and_fetch(k, v)
+    q.finalize()
+    ref.finalize()
+    _same(q, ref, live)
+    # decode steps, then a joining batch, a filter, an extract and a trim
+    for step in range(3):
+        k, v = _kv(3, 1, seed=10 + step)
+        q.update_and_fetch(k, v)
+        ref.update_and_fetch(k, v)
+    joining_q, joining = BatchQuantizedKVCache.merge(singles_q[:1]), BatchKVCache.merge(singles[:1])
+    q.extend(joining_q)
+    ref.extend(joining)
+    _same(q, ref, live)
+    q.filter([1, 3])
+    ref.filter([1, 3])
+    _same(q, ref, live)
+    one_q, one = q.extract(1), ref.extract(1)
+    assert one_q.offset == one.offset
+    assert mx.array_equal(_dq(one_q.keys, live), _dq(mx.quantize(one.keys, group_size=64, bits=8), live)).item()
+    assert q.trim(2) == ref.trim(2) == 2
+    _same(q, ref, live)
+    assert q.make_mask(1).tolist() == ref.make_mask(1).tolist()
+
+
+@pytest.mark.parametrize(("bits", "ratio"), [(8, (1 + 4 / 64) / 2), (4, (0.5 + 4 / 64) / 2)])
+def test_bytes_per_token_from_nbytes(bits, ratio):
+    """bfloat16 KV, head_dim 128, group 64: 8 bits take 1.0625 bytes per value (scales and biases
+    included) against 2, i.e. about half; 4 bits about 28%."""
+    live = LiveKV(bits, 64)
+    q, full = BatchQuantizedKVCache([0, 0], live.group_size, live.bits), BatchKVCache([0, 0])
+    k, v = _kv(2, 256, seed=1, heads=4, dim=128)  # one full allocation step: nbytes is exact
+    q.update_and_fetch(k, v)
+    full.update_and_fetch(k, v)
+    assert q.nbytes / full.nbytes == pytest.approx(ratio)
+
+
+# ---------------------------------------------------------------------------
+# Real architectures, one rank in process
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_model_path):
+    from pathlib import Path
+
+    root, tokenizer_dir = tmp_path_factory.mktemp("kvq_checkpoints"), Path(tiny_model_path)
+    silent = silent_tokens(tokenizer_dir)
+    specs = {name: SPECS[name] for name in (*ARCHS, "deepseek_v3", "gpt_oss")} | F32
+    return {name: build_checkpoint(root / name, spec, tokenizer_dir, silent) for name, spec in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    # Different lengths: rows are left-padded, prefill is right-padded and chunked (chunk 32).
+    # Seeds where both references lead by MIN_MARGIN at every step (no near-ties).
+    return [random_prompt(n, seed=seed, vocab=2000) for n, seed in ((7, 30), (45, 82), (7, 20))]
+
+
+def _load(path):
+    from mlx_cluster.models.fuse import fuse_projections
+    from mlx_cluster.models.loader import load_model_shard
+
+    loaded = load_model_shard(str(path), mx.distributed.init())
+    fuse_projections(loaded.model)  # as the engine does
+    return loaded
+
+
+def _reference(loaded, prompt, live: LiveKV, min_margin: float) -> list[int]:
+    """mlx-lm's single stream on a QuantizedKVCache from the first token, greedy, with clear margins."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    cache = [QuantizedKVCache(group_size=live.group_size, bits=live.bits) for _ in make_prompt_cache(loaded.model)]
+    tokens, margins = [], []
+    for r in stream_generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompt,
+        max_tokens=MAX_TOKENS,
+        sampler=make_sampler(temp=0.0),
+        prompt_cache=cache,
+    ):
+        tokens.append(r.token)
+        top2 = mx.topk(r.logprobs.astype(mx.float32), 2)
+        margins.append((mx.max(top2) - mx.min(top2)).item())
+    assert min(margins) >= min_margin, f"near-tie in the reference, pick another prompt: {margins}"
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints, prompts):
+    out = {}
+    for arch in (*ARCHS, *F32):
+        loaded = _load(checkpoints[arch])
+        live = resolve_live_kv(CacheSection(kv_bits=8), loaded.model)
+        assert live == LiveKV(8, 32)  # head_dim 32: the group follows it down from 64
+        # float32 logits move by ~1e-5 between one and two ranks: a smaller lead is decisive.
+        min_margin = F32_MIN_MARGIN if arch in F32 else MIN_MARGIN
+        out[arch] = [_reference(loaded, p, live, min_margin) for p in prompts]
+    return out
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, *F32])
+def test_batch_matches_single_stream_quantized_cache(arch, checkpoints, prompts, references, tmp_path):
+    loaded = _load(checkpoints[arch])
+    live = resolve_live_kv(CacheSection(kv_bits=8), loaded.model)
+    ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
+    results = generate(ex, prompts, MAX_TOKENS)  # one batch, three lengths
+    assert [r.tokens for r in results] == references[arch]
+    # Blocks stored from the quantized live cache restore into one losslessly: same tokens.
+    stats = ex.prefix_cache.stats()
+    assert stats.stored_blocks > 0 and stats.ram.quant_bytes_saved > 0
+    again = generate(ex, prompts, MAX_TOKENS)
+    assert [r.cached_tokens for r in again] == [0, 32, 0]
+    assert [r.tokens for r in again] == references[arch]
+    stored = next(iter(ex.prefix_cache.ram.items()))[1]
+    assert set(stored.arrays) == {"k.q", "k.s", "k.b", "v.q", "v.s", "v.b"}
+
+
+def test_models_that_cannot_use_it(checkpoints, caplog):
+    """auto falls back with a warning; an explicit live_kv_bits is a start-up error."""
+    for arch, why in (("deepseek_v3", "cannot read a quantized cache"), ("gpt_oss", "RotatingKVCache")):
+        loaded = _load(checkpoints[arch])
+        with caplog.at_level(logging.WARNING, logger="mlx_cluster.engine.kv_quant"):
+            assert resolve_live_kv(CacheSection(kv_bits=8, kv_group_size=32), loaded.model) is None
+        assert why in caplog.text and "cache.kv_bits=8 still applies to stored prefix blocks" in caplog.text
+        caplog.clear()
+        assert kv_budget(1000, loaded.model, None).tokens == 1000  # full precision: as configured
+        with pytest.raises(ValueError, match=r"cache.live_kv_bits=8: .*" + why):
+            resolve_live_kv(CacheSection(live_kv_bits=8, kv_group_size=32), loaded.model)
+
+
+def test_budget_counts_quantized_tokens(models_dir):
+    """max_kv_tokens is memory sized in full-precision tokens: a quantized cache fits more."""
+    loaded = load_tiny(models_dir)  # float32, 4 layers, 4 KV heads, head_dim 32
+    full = kv_budget(1000, loaded.model, None)
+    assert full.tokens == 1000 and full.bytes_per_token == 4 * 2 * 4 * 32 * 4
+    q8 = kv_budget(1000, loaded.model, LiveKV(8, 32))
+    assert q8.bytes_per_token == 4 * 2 * 4 * (32 + 2 * 4)  # int8 values, one fp32 scale and bias per 32
+    assert q8.tokens == 1000 * full.bytes_per_token // q8.bytes_per_token == 3200
+    assert resolve_live_kv(CacheSection(kv_bits=8, live_kv_bits=None), loaded.model) is None
+
+
+# ---------------------------------------------------------------------------
+# Two ranks, real processes, over HTTP
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(F32))
+def test_two_ranks_match_one_rank(arch, checkpoints, prompts, references, tmp_path, models_dir):
+    """Each rank quantizes its own heads; concurrent rows join and leave; the digest holds."""
+    config = {
+        "model": {"path": str(checkpoints[arch])},
+        "cache": {"kv_bits": 8, "block_size": 16},
+        "scheduler": {"prefill_chunk_tokens": 32, "max_kv_tokens": 4096},
+    }
+    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir, config=config)
+
+    def complete(prompt):
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+        return cluster.post("/v1/completions", body)
+
+    try:
+        cluster.start()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            responses = list(pool.map(complete, prompts))
+        again = complete(prompts[-1])  # a prefix-cache hit on both ranks
+    finally:
+        cluster.stop()
+    log = cluster.output()
+    assert log.count("live KV cache on rank") == 2 and "8-bit (group 32)" in log
+    assert "differs from rank 0" not in log
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoints[arch])
+    for response, want in zip([*responses, again], [*references[arch], references[arch][-1]]):
+        assert response.status_code == 200, response.text
+        # Each token's text (see test_checkpoints.silent_tokens): equal texts, equal token ids.
+        assert response.json()["choices"][0]["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in want]
+
+
+def test_config_keys():
+    from pydantic import ValidationError
+
+    assert CacheSection().live_kv_bits == "auto"
+    assert CacheSection(kv_bits=8, live_kv_bits=None).live_kv_bits is None
+    with pytest.raises(ValidationError, match="live_kv_bits"):
+        CacheSection(live_kv_bits=3)
