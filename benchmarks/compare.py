@@ -67,7 +67,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_ours(model: str, ranks: int, workdir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_ours(
+    model: str, ranks: int, workdir: Path, max_batch: int, parallel=None, backend: str | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = {
         "cluster": {"name": f"bench-{port}", "run_dir": str(workdir / "runs"), "base_port": free_port()},
@@ -79,6 +81,10 @@ def start_ours(model: str, ranks: int, workdir: Path, max_batch: int) -> tuple[s
         # earlier start would turn later repeats into cache hits the anchor cannot have.
         "cache": {"ssd": {"dir": str(workdir / f"kv-{port}")}},
     }
+    if parallel is not None:  # cluster.parallel: {tensor, pipeline} or auto
+        cfg["cluster"]["parallel"] = parallel
+    if backend is not None:
+        cfg["cluster"]["backend"] = backend
     path = workdir / f"bench-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
@@ -88,6 +94,27 @@ def start_ours(model: str, ranks: int, workdir: Path, max_batch: int) -> tuple[s
         start_new_session=True,
     )
     return proc, f"http://127.0.0.1:{port}"
+
+
+def bench_ours(model: str, ranks: int, workdir: Path, concurrency: int, args, parallel=None, backend=None) -> dict:
+    """Start mlx-cluster, run one load, stop it; the load generator's JSON result."""
+    proc, url = start_ours(model, ranks, workdir, args.max_batch, parallel, backend)
+    try:
+        wait_up(url, proc)
+        return bench(url, model, concurrency, args)
+    finally:
+        stop(proc)
+
+
+def summary_row(r: dict) -> dict:
+    """The numbers the side-by-side scripts keep of one load-generator result."""
+    return {
+        "output_tok_s": r["output_throughput_tok_s"],
+        "ttft_p50_ms": r["ttft_ms"]["p50"],
+        "tpot_p50_ms": r["tpot_ms"]["p50"],
+        "completion_tokens": r.get("total_output_tokens", 0),
+        "errors": r["errors"],
+    }
 
 
 def start_anchor(model: str, ranks: int, workdir: Path) -> tuple[subprocess.Popen, str]:

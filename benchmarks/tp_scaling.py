@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench, start_ours, stop, wait_up  # noqa: E402
+from compare import bench_ours, summary_row  # noqa: E402
 
 KEYS = ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms", "completion_tokens")
 
@@ -51,22 +51,8 @@ def main() -> None:
     for concurrency in args.concurrency:
         for repeat in range(args.repeats):
             for ranks in layouts:
-                proc, url = start_ours(model, ranks, workdir, args.max_batch)
-                try:
-                    wait_up(url, proc)
-                    r = bench(url, model, concurrency, args)
-                finally:
-                    stop(proc)
-                row = {
-                    "ranks": ranks,
-                    "concurrency": concurrency,
-                    "repeat": repeat,
-                    "output_tok_s": r["output_throughput_tok_s"],
-                    "ttft_p50_ms": r["ttft_ms"]["p50"],
-                    "tpot_p50_ms": r["tpot_ms"]["p50"],
-                    "completion_tokens": r.get("total_output_tokens", 0),
-                    "errors": r["errors"],
-                }
+                r = bench_ours(model, ranks, workdir, concurrency, args)
+                row = {"ranks": ranks, "concurrency": concurrency, "repeat": repeat, **summary_row(r)}
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
     summary = []

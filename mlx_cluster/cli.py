@@ -1,4 +1,4 @@
-"""The `mlx-cluster` command: up, down, status, top, logs, serve, bench, hostfile, make-model.
+"""The `mlx-cluster` command: up, down, status, top, logs, serve, bench, hostfile, plan, make-model.
 
 Each subcommand imports its module only when run, so `mlx-cluster bench` never loads MLX
 and `mlx-cluster status` answers instantly.
@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("-o", "--output", default=None)
     p.set_defaults(func=cmd_hostfile)
+
+    from mlx_cluster.launcher.plan_cli import add_plan_parser
+
+    add_plan_parser(sub, _add_config_args)
 
     p = sub.add_parser("make-model", help="write a deterministic random-weight built-in model")
     p.add_argument("dir")

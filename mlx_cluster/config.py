@@ -28,6 +28,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ParallelSection(_Strict):
+    """cluster.parallel: tensor x pipeline = world size; give one and the other follows."""
+
+    tensor: int | None = Field(None, ge=1, le=1024)
+    pipeline: int | None = Field(None, ge=1, le=1024)
+
+
 class ClusterSection(_Strict):
     name: str = Field("mlx-cluster", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     backend: Backend = "ring"
@@ -37,6 +44,21 @@ class ClusterSection(_Strict):
     base_port: int = Field(5500, ge=1024, le=65000)
     connections_per_ip: int = Field(1, ge=1, le=8)
     run_dir: str = "~/.cache/mlx-cluster/runs"
+    # None: all tensor parallel (as before); auto: measured at start-up (launcher/layout.py)
+    parallel: ParallelSection | Literal["auto"] | None = None
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _parallel(cls, v: Any) -> Any:
+        # One message naming the key instead of one per member of the union.
+        if v is None or v == "auto" or isinstance(v, ParallelSection):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("must be auto or {tensor: T, pipeline: P}")
+        try:
+            return ParallelSection.model_validate(v)
+        except ValidationError as e:
+            raise ValueError(f"{_first_message(e)}; write {{tensor: T, pipeline: P}} or auto") from None
 
     @field_validator("env")
     @classmethod
@@ -53,6 +75,10 @@ class HostSection(_Strict):
     ips: list[str] = Field(default_factory=list)
     rdma: list[str | None | list[str]] = Field(default_factory=list)
     gpus: list[int] | None = None
+    # Uneven pipeline stages: the stages on this host get these many layers in all, or a
+    # share of the layers in proportion to this memory (see launcher/layout.py).
+    layers: int | None = Field(None, ge=1)
+    memory_gb: float | None = Field(None, gt=0)
 
     @field_validator("ips")
     @classmethod
@@ -245,6 +271,10 @@ class ClusterConfig(_Strict):
             raise ValueError("give either hosts: or hostfile:, not both")
         if self.hosts is not None and not self.hosts:
             raise ValueError("hosts: must list at least one host")
+        if self.hosts is not None:
+            from mlx_cluster.launcher.layout import check_parallel_config
+
+            check_parallel_config(self)
         return self
 
     @property

@@ -94,6 +94,7 @@ class Supervisor:
         import json
         from pathlib import Path
 
+        from mlx_cluster.launcher.layout import parallel_sizes, plan_text
         from mlx_cluster.models.builtin import resolve_model_path
         from mlx_cluster.models.loader import check_tensor_parallel
 
@@ -108,7 +109,11 @@ class Supervisor:
         if not config_file.is_file():
             return  # a Hugging Face id or a remote-only path: the ranks resolve it
         try:
-            check_tensor_parallel(json.loads(config_file.read_text()), self.placement.world_size)
+            # The tensor x pipeline layout, checked and shown before anything starts.
+            world = self.placement.world_size
+            self.say("placement:\n" + plan_text(self.config, path, world))
+            sizes = parallel_sizes(self.config, world)  # None: auto, decided at start-up
+            check_tensor_parallel(json.loads(config_file.read_text()), sizes[0] if sizes else 1)
         except ValueError as e:
             raise ConfigError(f"model {model.path}: {e}") from None
 

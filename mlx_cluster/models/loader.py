@@ -428,7 +428,7 @@ def _build_unloaded_model(model_path: Path, config: dict, tensors: dict[str, Ten
     return model
 
 
-def _plan_reads(model: nn.Module, group) -> dict[str, ShardSpec | None]:
+def _plan_reads(model: nn.Module, group, after_shard=None) -> dict[str, ShardSpec | None]:
     """Shard the model for ``group`` and return, per parameter, how to read it.
 
     None means read the whole tensor (replicated); a ShardSpec gives the block. Only
@@ -437,6 +437,9 @@ def _plan_reads(model: nn.Module, group) -> dict[str, ShardSpec | None]:
     """
     originals = dict(tree_flatten(model.parameters()))
     if group.size() == 1:
+        if after_shard is not None:
+            after_shard(model)
+            return dict.fromkeys(name for name, _ in tree_flatten(model.parameters()))
         return dict.fromkeys(originals)
     if not hasattr(model, "shard"):
         raise ValueError(f"model {type(model).__module__} does not support tensor parallelism (no shard() method)")
@@ -444,6 +447,8 @@ def _plan_reads(model: nn.Module, group) -> dict[str, ShardSpec | None]:
     # Not thread-safe: the recorder patches mlx for the duration of model.shard().
     with _record_shard_specs() as records:
         model.shard(group)
+    if after_shard is not None:  # e.g. a pipeline stage drops the layers it does not hold
+        after_shard(model)
 
     plan: dict[str, ShardSpec | None] = {}
     for name, value in tree_flatten(model.parameters()):
@@ -460,10 +465,12 @@ def _plan_reads(model: nn.Module, group) -> dict[str, ShardSpec | None]:
     return plan
 
 
-def _load_partial(model_path: Path, config: dict, group, tensors: dict[str, TensorInfo], trust_remote_code: bool):
+def _load_partial(
+    model_path: Path, config: dict, group, tensors: dict[str, TensorInfo], trust_remote_code: bool, after_shard=None
+):
     """Fast path: build, shard, and read only this rank's blocks. Returns (model, bytes_read, plan)."""
     model = _build_unloaded_model(model_path, config, tensors, trust_remote_code)
-    plan = _plan_reads(model, group)
+    plan = _plan_reads(model, group, after_shard)
     progress = LoadProgress(sum(shard_nbytes(tensors[name], spec) for name, spec in plan.items()))
     with SafetensorsReader() as reader:
         weights = []
@@ -477,13 +484,15 @@ def _load_partial(model_path: Path, config: dict, group, tensors: dict[str, Tens
     return model, reader.bytes_read, plan
 
 
-def _load_full(model_path: Path, group, trust_remote_code: bool):
+def _load_full(model_path: Path, group, trust_remote_code: bool, after_shard=None):
     """Slow path: mlx-lm's lazy full load, then shard. Returns (model, config)."""
     model, config = load_model(model_path, lazy=True, strict=True, trust_remote_code=trust_remote_code)
     if group.size() > 1:
         if not hasattr(model, "shard"):
             raise ValueError(f"model at {model_path} does not support tensor parallelism (no shard() method)")
         model.shard(group)
+    if after_shard is not None:
+        after_shard(model)
     return model, config
 
 
@@ -513,6 +522,7 @@ def load_model_shard(
     revision: str | None = None,
     adapter_path: str | None = None,
     trust_remote_code: bool = False,
+    after_shard=None,
 ) -> LoadedModel:
     """Load this rank's shard of a model, its tokenizer, config and fingerprint.
 
@@ -520,6 +530,8 @@ def load_model_shard(
     mlx). With more than one rank the model is sharded with ``model.shard(group)``
     and each rank reads only its part of each sharded weight. No collective
     operation is performed, so ranks may finish loading at different times.
+    ``after_shard(model)``, when given, runs after sharding and before any weight is read
+    (a pipeline stage drops the layers it does not hold there).
     """
     started = time.monotonic()
     model_path = resolve_local_path(path, revision)
@@ -541,14 +553,16 @@ def load_model_shard(
 
     model, shard_specs = None, {}
     try:
-        model, bytes_read, shard_specs = _load_partial(model_path, config, group, tensors, trust_remote_code)
+        model, bytes_read, shard_specs = _load_partial(
+            model_path, config, group, tensors, trust_remote_code, after_shard
+        )
     except _NeedsFullLoad as e:
         reason = str(e)
     if model is None:
         logger.warning(
             "Not using the partial-read fast path for %s (%s): every rank reads all the weights.", model_path, reason
         )
-        model, config = _load_full(model_path, group, trust_remote_code)
+        model, config = _load_full(model_path, group, trust_remote_code, after_shard)
         # Every rank reads every tensor it keeps (or a slice of) in full.
         bytes_read = sum(info.nbytes for info in tensors.values())
 

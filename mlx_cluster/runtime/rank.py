@@ -43,6 +43,7 @@ class RankContext:
         self.watch_stdin = environ.get("MLX_CLUSTER_WATCH_STDIN") == "1"
         self.backend = environ.get("MLX_CLUSTER_BACKEND", config.cluster.backend)
         self.group = None
+        self.layout = None  # the tensor x pipeline layout (runtime/stages.py)
         self.state = None  # ServerState on rank 0
         self.frontend = None
         self.engine = None
@@ -101,7 +102,6 @@ def build_engine(ctx: RankContext, stream):
     from mlx_cluster.engine.trace import StepTrace
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.fuse import fuse_projections
-    from mlx_cluster.models.loader import load_model_shard
     from mlx_cluster.models.lora import linear_layouts
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
     from mlx_cluster.runtime.status_link import RankStatus
@@ -111,9 +111,10 @@ def build_engine(ctx: RankContext, stream):
     cfg = ctx.config
     t0 = time.monotonic()
     path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
-    loaded = load_model_shard(
-        path, ctx.group, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    from mlx_cluster.runtime.stages import load_rank_model
+
+    # All tensor parallel (the loader as before) or this rank's pipeline stage.
+    loaded, ctx.layout = load_rank_model(cfg, path, ctx.group, ctx.rank)
     log.info(
         "loaded %s shard %d/%d in %.1f s (%.1f MB read)",
         cfg.model.path,
