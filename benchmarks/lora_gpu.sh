@@ -21,15 +21,7 @@ bench() {  # name url model_id concurrency [output file suffix]
   $py -m mlx_cluster bench "$2" --model "$3" --json --no-progress --concurrency "$4" --temperature 0 \
     --num-requests $(($4 == 1 ? 8 : 3 * $4)) --input-len 512 --output-len 128 --warmup 2 \
     > "$out/$1-c$4.json" 2>>"$out/errors.txt"
-  $py - "$out/$1-c$4.json" "$1" "$4" <<'PY' | tee -a "$out/summary.txt"
-import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-    print(f"{sys.argv[2]:>22} c={sys.argv[3]:>2}: {r['output_throughput_tok_s']:8.1f} tok/s  "
-          f"TTFT p50 {r['ttft_ms']['p50']:7.1f} ms  TPOT p50 {r['tpot_ms']['p50']:6.2f} ms  errors {r['errors']}")
-except Exception as e:
-    print(f"{sys.argv[2]:>22} c={sys.argv[3]}: no result ({e})")
-PY
+  summary_line "$out/$1-c$4.json" "$1 c=$4" | tee -a "$out/summary.txt"
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/summary.txt"

@@ -25,15 +25,7 @@ bench() {  # label concurrency num_requests seed input_len
   $py -m mlx_cluster bench http://127.0.0.1:8111 --model m --json --no-progress --concurrency "$2" \
     --num-requests "$3" --seed "$4" --input-len "$5" --output-len "$output" --warmup 0 \
     > "$out/$1.json" 2>>"$out/errors.txt"
-  $py - "$out/$1.json" "$1" <<'PY' | tee -a "$out/summary.txt"
-import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-    print(f"{sys.argv[2]:>14}: {r['output_throughput_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms']['p50']:8.1f} ms  "
-          f"TPOT p50 {r['tpot_ms']['p50']:6.2f} ms  errors {r['errors']}")
-except Exception as e:
-    print(f"{sys.argv[2]:>14}: no result ({e})")
-PY
+  summary_line "$out/$1.json" "$1" | tee -a "$out/summary.txt"
 }
 
 serve() {  # name ssd_enabled max_prompt_tokens
