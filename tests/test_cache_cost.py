@@ -82,7 +82,7 @@ class FakeCache:
     def decide(self, ids):
         from mlx_cluster.cache.cost import RestoreDecision
 
-        return RestoreDecision(3 if self.done else 0, 0.0 if self.done else self.wait_s)
+        return RestoreDecision(3 if self.done else 0, 0.0 if self.done else self.wait_s, 0 if self.done else 3)
 
     def count_held(self):
         self.held += 1
@@ -109,6 +109,20 @@ def test_planner_holds_while_reads_are_worth_it_then_admits_with_the_blocks():
     cache.done = True
     assert not planner.held(seq())
     assert planner.admitted(seq()).restore_blocks == (b"a", b"b", b"c")
+
+
+def test_planner_gives_workers_as_long_again_as_its_own_reads_took():
+    now = [0.0]
+    cache = FakeCache(wait_s=0.5)
+    planner = RestorePlanner(cache, clock=lambda: now[0], world_size=2)
+    planner.arrived(seq())
+    assert planner.held(seq())
+    now[0], cache.done = 0.1, True  # rank 0's reads took 0.1 s; the workers started a plan later
+    assert planner.held(seq())
+    now[0] = 0.19
+    assert planner.held(seq())
+    now[0] = 0.21
+    assert not planner.held(seq()) and planner.admitted(seq()).restore_blocks == (b"a", b"b", b"c")
 
 
 def test_planner_stops_holding_when_the_wait_runs_out():

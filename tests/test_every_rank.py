@@ -88,7 +88,7 @@ def test_a_disconnect_aborts_the_sequence_on_every_rank_within_a_few_steps(pair)
 
 
 def ssd_blocks(cluster: Cluster, rank: int) -> set[str]:
-    return {p.name for p in (cluster.workdir / "kv").glob(f"*/tp2/rank{rank}/*.safetensors")}
+    return {p.name for p in (cluster.workdir / "kv").glob(f"v*/*/tp2/rank{rank}/*.safetensors")}
 
 
 def test_warmup_and_clear_reach_every_rank(pair):

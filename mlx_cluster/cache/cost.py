@@ -42,6 +42,7 @@ UNMEASURED_WAIT_S = 1.0  # how long a request may wait for a prefetch before any
 class RestoreDecision:
     blocks: int  # leading blocks to restore now (all already in memory)
     wait_s: float  # how long the request may still be held for blocks being read (0: do not wait)
+    reading: int = 0  # blocks of the chain still being read on this rank
 
 
 class CostModel:
@@ -106,9 +107,9 @@ class CostModel:
         sizes = sizes or [self.block_bytes] * len(where)
         reads = [self.read_block_s(b) for b, w in zip(sizes[n:], where[n:]) if w != "memory"]
         if prefill is None or any(r is None for r in reads):
-            return RestoreDecision(n, UNMEASURED_WAIT_S)  # nothing to weigh yet: presume the tier helps
+            return RestoreDecision(n, UNMEASURED_WAIT_S, len(reads))  # nothing to weigh yet: presume the tier helps
         saved = behind * (prefill - restore)
-        return RestoreDecision(n, saved if sum(reads) < saved else 0.0)
+        return RestoreDecision(n, saved if sum(reads) < saved else 0.0, len(reads))
 
     def to_dict(self) -> dict:
         return {

@@ -9,6 +9,11 @@ Queue time is free time: under load a request's blocks are read while it waits f
 slot. On an idle server a request is held back only while the cost model expects its reads to
 finish sooner than prefilling those blocks would, and never inside an engine step: the batch
 keeps running, and requests behind a held one are admitted past it.
+
+Workers read the same blocks from their own disks, starting one plan after rank 0, and a
+restore uses only what every rank has in memory. So once rank 0's own reads are done it holds
+the request a little longer, as long again as its reads took (at most WORKER_GRACE_S), for the
+workers to finish theirs. On one rank there is nobody to wait for.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 
 from mlx_cluster.engine.plan import NewSequence
 
+WORKER_GRACE_S = 0.5
+
 
 @dataclass
 class _Pending:
@@ -26,12 +33,14 @@ class _Pending:
     since: float
     reading: bool  # some of its blocks come from SSD: it may be worth holding
     held: bool = False
+    read_at: float | None = None  # when rank 0's own reads were done (workers get as long again)
 
 
 class RestorePlanner:
-    def __init__(self, cache, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cache, clock: Callable[[], float] = time.monotonic, world_size: int = 1):
         self.cache = cache
         self.clock = clock
+        self.world_size = world_size
         self._pending: dict[int, _Pending] = {}  # seq id -> its lookup, while it waits
         self._hints: list[bytes] = []  # SSD block ids for the next plan's prefetch list
 
@@ -47,10 +56,20 @@ class RestorePlanner:
         pending = self._pending.get(seq.seq_id)
         if pending is None or not pending.reading:
             return False
-        wait_s = self.cache.decide(pending.ids).wait_s
-        if not (wait_s and self.clock() - pending.since < wait_s):
-            pending.reading = False  # done, or not worth it: decided once and for all
-            return False
+        decision = self.cache.decide(pending.ids)
+        now = self.clock()
+        if decision.wait_s and now - pending.since < decision.wait_s:
+            return self._hold(pending)
+        if not decision.reading and self.world_size > 1:
+            # Rank 0's reads are done: give the workers, who started one plan later, as long again.
+            if pending.read_at is None:
+                pending.read_at = now
+            if now < pending.read_at + min(WORKER_GRACE_S, pending.read_at - pending.since):
+                return True
+        pending.reading = False  # done, or not worth it: decided once and for all
+        return False
+
+    def _hold(self, pending: _Pending) -> bool:
         if not pending.held:
             pending.held = True
             self.cache.count_held()

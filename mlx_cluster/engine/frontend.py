@@ -115,7 +115,9 @@ class Frontend:
         self.max_queue = max_queue
         self.prefix_cache = prefix_cache
         # Prefetches a queued request's SSD blocks and holds it while that pays (cache/cost.py).
-        self.restores = RestorePlanner(prefix_cache) if prefix_cache is not None else None
+        self.restores = (
+            RestorePlanner(prefix_cache, world_size=prefix_cache.world_size) if prefix_cache is not None else None
+        )
         if prefix_cache is not None and prefix_cache.ssd is not None:
             prefix_cache.ssd.on_staged = self._wake_up
         self.hidden_ids = set(getattr(tokenizer, "all_special_ids", []) or []) | set(tokenizer.eos_token_ids)
