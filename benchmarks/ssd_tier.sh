@@ -5,7 +5,7 @@
 #                                                the same c=1 prompts again (RAM hits)
 #   ssd     SSD tier on, write_through         cold, writing every block as it is stored
 #   warm    the same SSD directory, restarted    every prefix is an SSD hit (RAM empty)
-#   long    SSD off, LONG-token prompts          cold, then the same prompts again (RAM hits)
+#   long    SSD off, LONG-word prompts           cold, then the same prompts again (RAM hits)
 # Usage (CPU or GPU):  bash benchmarks/ssd_tier.sh [PRESET] [OUT_DIR]
 # Env: RANKS (1), INPUT (512), OUTPUT (128), N1 (8), N32 (96), LONG (8192), BACKEND (ring),
 # SSD_GB (auto; give room for every prompt's blocks, or the warm run is partly cold).
@@ -48,7 +48,7 @@ serve off false 8192 && { bench off-c1 1 "$n1" 1 "$input"; bench off-c32 32 "$n3
 serve ssd true 8192 && { bench ssd-c1 1 "$n1" 1 "$input"; bench ssd-c32 32 "$n32" 2 "$input"; }; stop $pid
 serve warm true 8192 && { bench warm-c1 1 "$n1" 1 "$input"; bench warm-c32 32 "$n32" 2 "$input"; }; stop $pid
 curl -s http://127.0.0.1:8111/admin/cache > /dev/null 2>&1
-serve long false $((long + 1024)) && { bench long-cold 1 4 3 "$long"; bench long-ram 1 4 3 "$long"; }; stop $pid
+serve long false $((2 * long + 1024)) && { bench long-cold 1 4 3 "$long"; bench long-ram 1 4 3 "$long"; }; stop $pid
 grep -h "prefix cache\|SSD KV" "$out"/warm.log | head -5 | tee -a "$out/summary.txt"
 $py - "$out" <<'PY' | tee -a "$out/summary.txt"
 import json, sys, pathlib
