@@ -405,6 +405,19 @@ def test_one_rank_matches_mlx_lm(arch, checkpoints, references, prompt):
 # ---------------------------------------------------------------------------
 
 
+def complete_on_two_ranks(tmp_path, models_dir, config: dict, prompt: str):
+    """One greedy completion (with token texts) from a 2-rank cluster started for it; (response, log)."""
+    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir, config=config)
+    try:
+        cluster.start()
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+        response = cluster.post("/v1/completions", body)
+    finally:
+        cluster.stop()
+    assert response.status_code == 200, response.text
+    return response, cluster.output()
+
+
 @pytest.mark.parametrize("arch", list(SPECS))
 def test_two_ranks_match_mlx_lm(arch, checkpoints, references, tp_references, prompt, tmp_path, models_dir):
     from mlx_lm.utils import load_tokenizer
@@ -417,16 +430,7 @@ def test_two_ranks_match_mlx_lm(arch, checkpoints, references, tp_references, pr
     # where mlx-lm's 1- and 2-rank outputs agree, checked first, so the server is held to both.
     assert ref.tokens == references[arch].tokens, "mlx-lm's own 2-rank output differs from 1 rank: pick another seed"
 
-    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir, config={"model": {"path": str(path)}})
-    try:
-        cluster.start()
-        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 1}
-        response = cluster.post("/v1/completions", body)
-    finally:
-        cluster.stop()
-    assert response.status_code == 200, response.text
-
-    log = cluster.output()
+    response, log = complete_on_two_ranks(tmp_path, models_dir, {"model": {"path": str(path)}}, prompt)
     for rank in range(2):
         assert f"loaded {path} shard {rank}/2" in log
     # Each rank fuses its own shards of the same projections.

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster import Cluster
-from tests.test_checkpoints import MAX_TOKENS, checkpoints, prompt, references  # noqa: F401 (fixtures)
+from tests.test_checkpoints import checkpoints, complete_on_two_ranks, prompt, references  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +20,7 @@ def test_two_stages_match_mlx_lm(arch, checkpoints, references, prompt, tmp_path
 
     ref, path = references[arch], checkpoints[arch]
     config = {"model": {"path": str(path)}, "cluster": {"parallel": {"pipeline": 2}}}
-    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir, config=config)
-    try:
-        cluster.start()
-        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 1}
-        response = cluster.post("/v1/completions", body)
-    finally:
-        cluster.stop()
-    assert response.status_code == 200, response.text
-
-    log = cluster.output()
+    response, log = complete_on_two_ranks(tmp_path, models_dir, config, prompt)
     assert "layout: tensor=1 x pipeline=2" in log
     assert "stage 0 of 2: layers 0-0" in log and "stage 1 of 2: layers 1-1" in log
     choice = response.json()["choices"][0]

@@ -1,8 +1,9 @@
 """Automatic prefix caching across the cluster: what the engine calls, and when.
 
-    rank 0, arrival     lookup(prompt)       -> the prompt's cached chain; SSD blocks start prefetching
+    rank 0, arrival     block_ids(prompt)    -> the ids of the prompt's restorable blocks
+                        lookup(ids)          -> the SSD ones of its cached chain start prefetching
     rank 0, scheduling  decide(ids)          -> restore how many, and whether to wait for reads (cost.py)
-    rank 0, admission   plan_sequence(seq)   -> which leading blocks to restore (read-only lookups)
+    rank 0, admission   plan_sequence(seq)   -> the leading blocks worth restoring now (decide's count)
     every rank, apply   prefetch(plan ids)   -> this rank's SSD reads start in the background
                         pinned(new)          -> those RAM blocks survive this step's drops
                         restore_batch(new)   -> one bus round agrees on what every rank can restore
