@@ -141,6 +141,13 @@ class ModelSection(_Strict):
         return self.name or self.path
 
 
+class ModelEntry(ModelSection):
+    """One of several models (`models:`): served under `name`, loaded on first use or at start-up."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")
+    preload: bool = False  # load at start-up and never unload (the first entry when none says so)
+
+
 class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -250,6 +257,20 @@ class ClusterConfig(_Strict):
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     speculative: SpeculativeSection | None = None  # off when absent
     adapters: list[AdapterEntry] = Field(default_factory=list)
+    # Several models instead of one (engine/models.py): give either model: or models:.
+    models: list[ModelEntry] | None = None
+    idle_unload_s: float | None = Field(None, gt=0)  # unload a model nobody used for this long
+
+    @model_validator(mode="after")
+    def _several_models(self) -> ClusterConfig:
+        from mlx_cluster.engine.models import check_models_config
+
+        primary = check_models_config(self)
+        if primary is not None:
+            # The rest of the code (launcher checks, placement report) reads model:, which is
+            # the first model loaded at start-up.
+            object.__setattr__(self, "model", primary)
+        return self
 
     @model_validator(mode="after")
     def _adapter_names(self) -> ClusterConfig:
@@ -346,7 +367,10 @@ def _describe(err: dict) -> str:
         return f"unknown key {where!r}: remove it or check its spelling (see docs/configuration.md)"
     if err["type"] == "literal_error":
         return f"{where}: {err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
-    return f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a whole-file check: its message names the keys; the input is the whole file
+        return message
+    return f"{where}: {message} (got {err.get('input')!r})"
 
 
 def parse_config(data: Any, source: str = "cluster.yaml") -> ClusterConfig:
@@ -391,7 +415,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> ClusterCo
 
 def dump_config(config: ClusterConfig) -> str:
     """The config as JSON, used to hand it to rank processes unchanged."""
-    return config.model_dump_json()
+    # With models:, model: is derived from it (see ClusterConfig._several_models), not given.
+    return config.model_dump_json(exclude={"model"} if config.models is not None else None)
 
 
 def config_from_json(text: str) -> ClusterConfig:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # Phases that wait on other ranks (the plan link, restore agreement, the model's all_sums):
 # the watchdog ends the rank when one of them runs past collective_timeout_s.
+# A model load ("load", several models only) reads weights for as long as it takes, like start-up.
 WATCHED_PHASES = frozenset({"bus", "apply", "model"})
 
 
@@ -56,15 +57,22 @@ class Engine:
         self.last_phase_s: dict[str, float] = {}  # the latest duration of each phase
         self.last_work_s = 0.0
         self._phase_at = time.perf_counter()
+        self.models = None  # engine/models.py ModelSet when several models are served
 
     def step(self) -> StepPlan:
         started = time.perf_counter()
         self._phase("plan")
         plan = None
-        if self.frontend is not None:
+        if self.frontend is not None and self.models is not None:
+            plan, lane = self.models.next_plan(self.step_index)  # the lane that runs, and its plan
+            self.frontend = lane.frontend
+        elif self.frontend is not None:
             plan = self.frontend.next_plan(self.step_index, self.executor.digest)
         self._phase("bus")
         plan = self.bus.exchange(plan)
+        if self.models is not None:
+            self._phase("load")
+            self.executor = self.models.apply(plan)  # loads and unloads first, then this step's model
         if plan.digest != self.executor.digest:
             raise DivergenceError(
                 f"step {plan.step}: token digest {self.executor.digest:#x} differs from rank 0's {plan.digest:#x}"

@@ -108,6 +108,7 @@ class Frontend:
         max_queue: int,
         prefix_cache=None,
         max_kv_tokens: int | None = None,
+        wake: threading.Event | None = None,
     ):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -115,14 +116,10 @@ class Frontend:
         self.max_queue = max_queue
         self.prefix_cache = prefix_cache
         # Prefetches a queued request's SSD blocks and holds it while that pays (cache/cost.py).
-        self.restores = (
-            RestorePlanner(prefix_cache, world_size=prefix_cache.world_size) if prefix_cache is not None else None
-        )
-        if prefix_cache is not None and prefix_cache.ssd is not None:
-            prefix_cache.ssd.on_staged = self._wake_up
         self.hidden_ids = set(getattr(tokenizer, "all_special_ids", []) or []) | set(tokenizer.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+        # Several models (engine/models.py) share one event: the engine sleeps until any has work.
+        self._wake = wake or threading.Event()
         self._queued = 0  # requests submitted but not yet admitted; read by the HTTP thread
         self._open = 0  # requests submitted and not yet finished or aborted
         self._queued_lock = threading.Lock()
@@ -143,6 +140,24 @@ class Frontend:
         self.adapter_scheduler = None  # engine/adapters.py AdapterScheduler, when adapters are served
         self.shutdown_requested = False
         self.stats = FrontendStats()
+        self.attach_cache(prefix_cache, max_kv_tokens)
+
+    def attach_cache(self, prefix_cache, max_kv_tokens: int | None) -> None:
+        """The model's prefix cache and KV budget (engine/models.py: set again at each load)."""
+        self.prefix_cache = prefix_cache
+        self.max_kv_tokens = max_kv_tokens
+        self.restores = (
+            RestorePlanner(prefix_cache, world_size=prefix_cache.world_size) if prefix_cache is not None else None
+        )
+        if prefix_cache is not None and prefix_cache.ssd is not None:
+            prefix_cache.ssd.on_staged = self._wake_up
+        if self.restores is not None:
+            for seq in self._waiting:  # requests that queued while the model was not loaded
+                self.restores.arrived(seq)
+
+    def detach_cache(self) -> None:
+        """The model was unloaded: its prefix cache is closed (engine/models.py)."""
+        self.prefix_cache = self.restores = None
 
     # ---- HTTP thread ---------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> bool:
@@ -233,6 +248,10 @@ class Frontend:
     @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._requests)
+
+    def drain_inbox(self) -> None:
+        """Take in what the HTTP thread sent (engine/models.py looks at every model's queue)."""
+        self._drain_inbox()
 
     def next_plan(self, step: int, digest: int) -> StepPlan:
         self._drain_inbox()
@@ -423,11 +442,11 @@ class Frontend:
             cached = request.cached_tokens // req.n
             req.deliver(DoneEvent(len(req.prompt), request.completion_tokens, cached, queued))
 
-    def fail_all(self, message: str, status: int = 503) -> None:
+    def fail_all(self, message: str, status: int = 503, code: str = "engine_unavailable") -> None:
         """The engine cannot go on: end every request with an error instead of leaving it hanging."""
         self._drain_inbox()
         for request in list(self._requests.values()):
-            request.req.deliver(ErrorEvent(message, status, "engine_unavailable"))
+            request.req.deliver(ErrorEvent(message, status, code))
         self._requests.clear()
         with self._queued_lock:
             self._queued = self._open = 0

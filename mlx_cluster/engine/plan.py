@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-PLAN_VERSION = 5  # 4: LoRA adapter slots and operations; 5: prefetch hints for the SSD tier
+PLAN_VERSION = 6  # 4: LoRA adapter slots and operations; 5: prefetch hints for the SSD tier; 6: models
 
 # Bounds a decoder enforces before allocating anything.
 MAX_NEW_SEQS = 1024
@@ -25,6 +25,8 @@ MAX_RESTORE_BLOCKS = 1 << 16
 MAX_GRAMMAR_BYTES = 128 << 10
 MAX_ADAPTER_OPS = 64
 MAX_ADAPTER_PATH_BYTES = 4096
+MAX_MODEL_OPS = 64
+MODEL_LOAD, MODEL_UNLOAD = 1, 2
 
 FLAG_IDLE = 1  # the batch is empty: the next plan is announced by the doorbell first
 FLAG_SHUTDOWN = 2  # every rank leaves its loop after this step
@@ -86,6 +88,14 @@ class AdapterOp:
 
 
 @dataclass(frozen=True)
+class ModelOp:
+    """Load or unload configured model number `model` (engine/models.py) on every rank."""
+
+    kind: int  # MODEL_LOAD | MODEL_UNLOAD
+    model: int
+
+
+@dataclass(frozen=True)
 class StepPlan:
     step: int
     new: tuple[NewSequence, ...] = ()
@@ -96,6 +106,10 @@ class StepPlan:
     # Prefix-cache blocks a queued request will want: each rank starts reading those on its SSD
     # tier in the background, so they are in memory by the time the request is admitted.
     prefetch: tuple[bytes, ...] = ()
+    # Several models (engine/models.py): the configured model whose batch this step runs, and
+    # the loads and unloads every rank does first. Always 0 and () with a single model:.
+    model: int = 0
+    model_ops: tuple[ModelOp, ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -241,6 +255,9 @@ def encode_plan(plan: StepPlan) -> bytes:
         w.pack("H", op.slot)
         w.text(op.path)
     w.blobs(plan.prefetch)
+    w.pack("HI", plan.model, len(plan.model_ops))
+    for op in plan.model_ops:
+        w.pack("BH", op.kind, op.model)
     return b"".join(w.parts)
 
 
@@ -269,6 +286,13 @@ def decode_plan(data: bytes) -> StepPlan:
         (slot,) = r.unpack("H")
         adapters.append(AdapterOp(slot, r.text(MAX_ADAPTER_PATH_BYTES, "adapter path bytes")))
     prefetch = r.blobs(MAX_RESTORE_BLOCKS, "blocks to prefetch")
+    (model,) = r.unpack("H")
+    model_ops = []
+    for _ in range(r.count("I", MAX_MODEL_OPS, "model operations")):
+        kind, index = r.unpack("BH")
+        if kind not in (MODEL_LOAD, MODEL_UNLOAD):
+            raise PlanDecodeError(f"plan frame has model operation kind {kind}, not load or unload")
+        model_ops.append(ModelOp(kind, index))
     if r.pos != len(r.data):
         raise PlanDecodeError(f"plan frame has {len(r.data) - r.pos} trailing bytes")
     return StepPlan(
@@ -279,4 +303,6 @@ def decode_plan(data: bytes) -> StepPlan:
         digest=digest,
         adapters=tuple(adapters),
         prefetch=prefetch,
+        model=model,
+        model_ops=tuple(model_ops),
     )

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from mlx_cluster.config import ClusterConfig, config_from_json
 
@@ -91,66 +92,22 @@ def build_engine(ctx: RankContext, stream):
     """
     import mlx.core as mx
 
-    from mlx_cluster import constrain
     from mlx_cluster.agent.formats import marker_token_ids
-    from mlx_cluster.engine.adapters import AdapterScheduler, attach_adapters
+    from mlx_cluster.engine.adapters import AdapterScheduler
     from mlx_cluster.engine.engine import Engine
-    from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.frontend import Frontend
-    from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
-    from mlx_cluster.engine.speculate import make_speculator
     from mlx_cluster.engine.trace import StepTrace
-    from mlx_cluster.models.builtin import resolve_model_path
-    from mlx_cluster.models.fuse import fuse_projections
-    from mlx_cluster.models.lora import linear_layouts
     from mlx_cluster.runtime.bus import ControlBus, PlanLink
     from mlx_cluster.runtime.status_link import RankStatus
     from mlx_cluster.server.generation import Limits
     from mlx_cluster.server.turn import make_agent_setup
 
     cfg = ctx.config
-    t0 = time.monotonic()
-    path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
-    from mlx_cluster.runtime.stages import load_rank_model
-
-    # All tensor parallel (the loader as before) or this rank's pipeline stage.
-    loaded, ctx.layout = load_rank_model(cfg, path, ctx.group, ctx.rank)
-    log.info(
-        "loaded %s shard %d/%d in %.1f s (%.1f MB read)",
-        cfg.model.path,
-        ctx.rank,
-        ctx.world_size,
-        time.monotonic() - t0,
-        loaded.bytes_read / 1e6,
-    )
-    layouts = linear_layouts(loaded.model, ctx.group, loaded.shard_specs)  # before fusion: LoRA sharding
-    # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
-    # MoE experts and other shapes are left as they are).
-    log.info("fused %d projection groups", fuse_projections(loaded.model))
-    vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
-    constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
+    loaded, layouts = read_model(ctx, cfg)
+    served = serve_model(ctx, cfg, loaded, layouts, stream)
+    executor, prefix_cache, adapters = served.executor, served.prefix_cache, served.adapters
+    speculator, vocab_size, budget = served.speculator, served.vocab_size, served.budget
     sched = cfg.scheduler
-    live_kv = resolve_live_kv(cfg.cache, loaded.model)  # quantized live KV, or None (engine/kv_quant.py)
-    budget = kv_budget(sched.max_kv_tokens, loaded.model, live_kv, ctx.rank)
-    # Every rank builds the same speculator (a draft model whole on each): proposals need no bus.
-    speculator = make_speculator(cfg.speculative, loaded.tokenizer, vocab_size, cfg.model.builtin_dir)
-    executor = Executor(
-        loaded.model,
-        vocab_size=vocab_size,
-        max_batch_size=sched.max_batch_size,
-        prefill_batch_size=sched.prefill_batch_size,
-        prefill_chunk=sched.prefill_chunk_tokens,
-        stream=stream,
-        live_kv=live_kv,
-        speculator=speculator,
-    )
-    warmup(executor, token_id=0)
-    executor.stats.__init__()
-    if speculator is not None:
-        speculator.reset_stats()
-    # Attached after the warmup so its throwaway sequence stores nothing.
-    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
-    adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
     link = PlanLink(ctx.rank, ctx.world_size, host, int(port), ctx.bus_token, cfg.supervisor.startup_timeout_s)
@@ -199,6 +156,10 @@ def build_engine(ctx: RankContext, stream):
         )
     engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
+    if cfg.models is not None:  # several models: lanes around the one just loaded (engine/models.py)
+        from mlx_cluster.runtime.model_lanes import attach_models
+
+        attach_models(ctx, engine, served, stream, bus)
     on_report = None
     if ctx.state is not None:
         from mlx_cluster.server.status import attach_status
@@ -207,6 +168,81 @@ def build_engine(ctx: RankContext, stream):
     ctx.status.start(engine, on_report)
     mx.synchronize()
     return engine
+
+
+def read_model(ctx: RankContext, cfg):
+    """Read this rank's shard of `cfg.model` and fuse its projections: no collective runs here,
+    so a rank that fails can tell the others before any of them waits in an all_sum."""
+    from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.fuse import fuse_projections
+    from mlx_cluster.models.lora import linear_layouts
+    from mlx_cluster.runtime.stages import load_rank_model
+
+    t0 = time.monotonic()
+    path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
+    # All tensor parallel (the loader as before) or this rank's pipeline stage.
+    loaded, ctx.layout = load_rank_model(cfg, path, ctx.group, ctx.rank)
+    log.info(
+        "loaded %s shard %d/%d in %.1f s (%.1f MB read)",
+        cfg.model.path,
+        ctx.rank,
+        ctx.world_size,
+        time.monotonic() - t0,
+        loaded.bytes_read / 1e6,
+    )
+    layouts = linear_layouts(loaded.model, ctx.group, loaded.shard_specs)  # before fusion: LoRA sharding
+    # One matmul for q/k/v and one for gate/up: fewer kernels per decode step (LoRA layers,
+    # MoE experts and other shapes are left as they are).
+    log.info("fused %d projection groups", fuse_projections(loaded.model))
+    return loaded, layouts
+
+
+@dataclass
+class ServedModel:
+    """A loaded model ready to run steps on this rank: its executor and what hangs off it."""
+
+    loaded: object
+    executor: object
+    prefix_cache: object
+    adapters: object
+    speculator: object
+    vocab_size: int
+    budget: object
+
+
+def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
+    """Build the executor of a read model and warm it up (the model's all_sums run here)."""
+    from mlx_cluster import constrain
+    from mlx_cluster.engine.adapters import attach_adapters
+    from mlx_cluster.engine.executor import Executor, warmup
+    from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
+    from mlx_cluster.engine.speculate import make_speculator
+
+    vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
+    constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
+    sched = cfg.scheduler
+    live_kv = resolve_live_kv(cfg.cache, loaded.model)  # quantized live KV, or None (engine/kv_quant.py)
+    budget = kv_budget(sched.max_kv_tokens, loaded.model, live_kv, ctx.rank)
+    # Every rank builds the same speculator (a draft model whole on each): proposals need no bus.
+    speculator = make_speculator(cfg.speculative, loaded.tokenizer, vocab_size, cfg.model.builtin_dir)
+    executor = Executor(
+        loaded.model,
+        vocab_size=vocab_size,
+        max_batch_size=sched.max_batch_size,
+        prefill_batch_size=sched.prefill_batch_size,
+        prefill_chunk=sched.prefill_chunk_tokens,
+        stream=stream,
+        live_kv=live_kv,
+        speculator=speculator,
+    )
+    warmup(executor, token_id=0)
+    executor.stats.__init__()
+    if speculator is not None:
+        speculator.reset_stats()
+    # Attached after the warmup so its throwaway sequence stores nothing.
+    executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
+    adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
+    return ServedModel(loaded, executor, prefix_cache, adapters, speculator, vocab_size, budget)
 
 
 def make_prefix_cache(cache_cfg, loaded, group, live_kv=None):

@@ -36,6 +36,7 @@ from mlx_cluster.server.generation import (
 )
 from mlx_cluster.server.lora_routes import adapter_cards, lora_router, resolve_model
 from mlx_cluster.server.messages import CountTokensRequest, MessagesRequest, count_tokens_endpoint, messages_endpoint
+from mlx_cluster.server.model_routes import model_cards, model_view, models_health
 from mlx_cluster.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -74,6 +75,7 @@ class ServerState:
     responses: object | None = None  # server/responses.py ResponseStore
     adapters: object | None = None  # engine/adapters.py AdapterRegistry (None: LoRA adapters off)
     cluster_status: object | None = None  # server/status.py ClusterStatus: every rank's reports, history
+    models: object | None = None  # engine/models.py ModelSet when several models are served (models:)
 
     @property
     def model_name(self) -> str:
@@ -82,6 +84,9 @@ class ServerState:
     def wedged(self) -> bool:
         """A step has run for too long, or work is pending but no step has finished for too long."""
         now = time.monotonic()
+        models = self.models
+        if models is not None and models.loading:  # a model load is one long step, bounded like start-up
+            return now - models.loading_since > self.config.supervisor.startup_timeout_s
         timer = self.engine_timer
         if timer is not None and timer.busy_since and now - timer.busy_since > self.wedged_after_s:
             return True
@@ -205,23 +210,35 @@ def create_app(state: ServerState) -> FastAPI:
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": int(state.started_at), "owned_by": "mlx-cluster"}
 
+    def cards() -> list[dict]:
+        if state.models is not None:  # several models: every configured one, loaded or not
+            return model_cards(state)
+        return [model_card(), *adapter_cards(state)]
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(), *adapter_cards(state)]}
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        resolve_model(state, model_id)  # 404 for names this server does not serve
-        return next(c for c in (model_card(), *adapter_cards(state)) if c["id"] == model_id)
+        if state.models is not None:
+            model_view(state, model_id)  # 404 for names this server does not serve
+        else:
+            resolve_model(state, model_id)
+        return next(c for c in cards() if c["id"] == model_id)
 
     # ---- generation -----------------------------------------------------------------
     async def accept(request: Request, model_cls):
         """Every generation route's front door: bounded body, validated, this model, serving."""
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(model_cls, data)
-        resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
+        if state.models is not None:  # several models: the request runs with its model's view
+            view = model_view(state, req.model)
+        else:
+            resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
+            view = state
         check_serving(state)
-        return req
+        return req, view
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -229,8 +246,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
     async def responses(request: Request):
-        req = await accept(request, ResponsesRequest)
-        return await responses_endpoint(state, request, req)
+        req, view = await accept(request, ResponsesRequest)
+        return await responses_endpoint(view, request, req)
 
     @app.get("/v1/responses/{response_id}")
     async def get_stored_response(response_id: str):
@@ -242,20 +259,20 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/messages", openapi_extra=_body_schema(MessagesRequest))
     async def messages(request: Request):
-        req = await accept(request, MessagesRequest)
-        return await messages_endpoint(state, request, req)
+        req, view = await accept(request, MessagesRequest)
+        return await messages_endpoint(view, request, req)
 
     @app.post("/v1/messages/count_tokens", openapi_extra=_body_schema(CountTokensRequest))
     async def count_tokens(request: Request):
-        req = await accept(request, CountTokensRequest)
-        return count_tokens_endpoint(state, req)
+        req, view = await accept(request, CountTokensRequest)
+        return count_tokens_endpoint(view, req)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
         return await generate(request, "completions")
 
     async def generate(request: Request, kind: str):
-        req = await accept(request, ChatCompletionRequest if kind == "chat" else CompletionRequest)
+        req, state = await accept(request, ChatCompletionRequest if kind == "chat" else CompletionRequest)
         timeout_s = state.config.server.request_timeout_s
         stream = RequestStream(asyncio.get_running_loop(), kind, resolve_model(state, req.model))
         if kind == "chat":
@@ -325,6 +342,7 @@ def health_report(state: ServerState) -> dict:
         "running_requests": running,
         "engine": state.status,
         "uptime_s": round(time.time() - state.started_at, 1),
+        **({"models": models_health(state)} if state.models is not None else {}),
     }
 
 

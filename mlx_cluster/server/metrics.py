@@ -200,6 +200,13 @@ class Metrics:
             values += (s.acceptance_rate, s.mean_acceptance_length)
             for gauge, value in zip(self.spec.values(), values):
                 gauge.labels(m).set(value)
+        models = getattr(state, "models", None)
+        if models is not None:  # several models: loads, unloads, what is loaded (server/model_routes.py)
+            if getattr(self, "model_metrics", None) is None:
+                from mlx_cluster.server.model_routes import ModelMetrics
+
+                self.model_metrics = ModelMetrics(self.registry)
+            self.model_metrics.scrape(models)
         cluster_status = getattr(state, "cluster_status", None)
         if cluster_status is not None:  # every rank's figures, from their status reports
             cluster_status.scrape(self)
