@@ -1,0 +1,120 @@
+"""Several models (`models:`): what switching costs, and what a cold load costs, side by side.
+
+Two clusters run at once: "single" serves builtin:tiny with `model:`; "several" serves `models:`
+tiny (loaded at start-up), tiny2 (the same preset under a second name: its own copy, loaded on
+first use) and big (a larger preset, loaded on first use). Rounds alternate between them:
+
+* single: N sequential greedy completions of tiny;
+* several: N sequential completions alternating tiny, tiny2, tiny, ... (both loaded after the
+  first round), so every request switches model;
+
+then one request for big: its cold load as the log reports it ("loaded model big in N s") and
+the request's latency, then a second one (warm). Load counters are read back to show that
+alternating reloads nothing.
+
+    python benchmarks/models.py --big 1b --rounds 3 --requests 8 --out benchmarks/results/models-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.cluster import Cluster  # noqa: E402  (the same harness the tests use)
+
+PROMPT = "The cluster serves every rank the same plan, and"
+
+
+def complete(cluster: Cluster, model: str | None, max_tokens: int) -> float:
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if model is not None:
+        body["model"] = model
+    started = time.perf_counter()
+    r = httpx.post(cluster.url + "/v1/completions", json=body, timeout=1800)
+    r.raise_for_status()
+    return time.perf_counter() - started
+
+
+def loads(cluster: Cluster) -> dict[str, float]:
+    text = httpx.get(cluster.url + "/metrics", timeout=10).text
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^mlx_cluster_model_loads_total\{model="([^"]+)"\} (\S+)$', text, re.M)
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=1)
+    ap.add_argument("--big", default="1b", help="builtin preset loaded cold (default 1b)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--models-dir", default="~/.cache/mlx-cluster/models")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    models_dir = Path(args.models_dir).expanduser()
+    work = Path(tempfile.mkdtemp(prefix="bench-models-"))
+
+    single = Cluster(work / "single", ranks=args.ranks, models_dir=models_dir)
+    several = Cluster(
+        work / "several",
+        ranks=args.ranks,
+        models_dir=models_dir,
+        config={
+            "models": [
+                {"name": "tiny", "path": "builtin:tiny", "builtin_dir": str(models_dir)},
+                {"name": "tiny2", "path": "builtin:tiny", "builtin_dir": str(models_dir)},
+                {"name": "big", "path": f"builtin:{args.big}", "builtin_dir": str(models_dir)},
+            ]
+        },
+    )
+    del several.config["model"]
+    several.config_path.write_text(yaml.safe_dump(several.config))
+    result: dict = {"ranks": args.ranks, "requests": args.requests, "max_tokens": args.max_tokens, "rounds": []}
+    try:
+        single.start(timeout_s=600)
+        several.start(timeout_s=600)
+        complete(single, None, args.max_tokens)  # warm both paths once
+        for name in ("tiny", "tiny2"):
+            complete(several, name, args.max_tokens)
+        before = loads(several)
+        for _ in range(args.rounds):
+            one = [complete(single, None, args.max_tokens) for _ in range(args.requests)]
+            alt = [complete(several, ("tiny", "tiny2")[i % 2], args.max_tokens) for i in range(args.requests)]
+            row = {"single_s": statistics.median(one), "alternating_s": statistics.median(alt)}
+            row["ratio"] = row["alternating_s"] / row["single_s"]
+            result["rounds"].append(row)
+            print(json.dumps(row), flush=True)
+        result["loads_before"], result["loads_after"] = before, loads(several)
+        cold = complete(several, "big", 1)
+        warm = complete(several, "big", 1)
+        logged = re.findall(r"loaded model big in ([0-9.]+) s", several.output())
+        result["big"] = {
+            "preset": args.big,
+            "cold_request_s": cold,
+            "warm_request_s": warm,
+            "logged_load_s": [float(x) for x in logged],
+        }
+        result["median_ratio"] = statistics.median(r["ratio"] for r in result["rounds"])
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        several.stop()
+        single.stop()
+
+
+if __name__ == "__main__":
+    main()
