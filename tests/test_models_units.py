@@ -185,9 +185,11 @@ def test_memory_pressure_unloads_the_least_recently_used_idle_models_first():
 
 
 def test_a_model_that_does_not_fit_is_refused_with_the_numbers():
-    models, lanes, _ = make_set(2, need={"b": 3 * GIB}, free=GIB)
+    models, lanes, _ = make_set(3, loaded=(0, 2), need={"b": 3 * GIB}, free=GIB)
     lanes[1].frontend.work = True
-    run(models, 0)
+    plan, _ = run(models, 0)
+    assert plan.model_ops == (ModelOp(MODEL_LOAD, 1),)  # unloading c (1 GiB) would not make room: it stays
+    assert lanes[2].loaded
     assert not lanes[1].loaded and lanes[1].stats.refusals == 1
     [(message, status, code)] = lanes[1].frontend.failed
     assert status == 503 and code == "model_not_loaded"

@@ -71,7 +71,8 @@ class Engine:
         self._phase("bus")
         plan = self.bus.exchange(plan)
         if self.models is not None:
-            self._phase("load")
+            if plan.model_ops:
+                self._phase("load")
             self.executor = self.models.apply(plan)  # loads and unloads first, then this step's model
         if plan.digest != self.executor.digest:
             raise DivergenceError(

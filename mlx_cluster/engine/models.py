@@ -215,9 +215,12 @@ class ModelSet:
         for victim in sorted(idle, key=lambda v: v.last_used):
             if need <= free:
                 break
-            log.info("memory pressure: unloading idle model %s to load %s", victim.name, lane.name)
             victims.append(victim)
             free += victim.need_bytes
+        if need > free:
+            return []  # unloading would not make room: keep them; the load is refused with the numbers
+        for victim in victims:
+            log.info("memory pressure: unloading idle model %s to load %s", victim.name, lane.name)
         return victims
 
     # ---- every rank: run the model ops, then pick the step's executor -------------------------
