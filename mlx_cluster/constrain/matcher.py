@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_ll_tokenizers: dict[tuple[int, int], object] = {}
+_ll_tokenizers: dict[tuple[int, int], tuple[weakref.ref, object]] = {}
 _installed: tuple[object, int] | None = None
 
 
@@ -32,14 +33,18 @@ def ll_tokenizer(tokenizer, vocab_size: int):
     """
     key = (id(tokenizer), vocab_size)
     with _lock:
-        found = _ll_tokenizers.get(key)
-        if found is None:
+        ref, found = _ll_tokenizers.get(key, (None, None))
+        # An id can be reused once its object is gone (several models unload and reload theirs):
+        # an entry counts only while its own tokenizer is alive, and dead ones are dropped.
+        if found is None or ref() is not tokenizer:
             import llguidance.hf
 
             hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper wraps the HF one
             eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])
             found = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos)
-            _ll_tokenizers[key] = found
+            for dead in [k for k, (r, _) in _ll_tokenizers.items() if r() is None]:
+                del _ll_tokenizers[dead]
+            _ll_tokenizers[key] = (weakref.ref(tokenizer), found)
         return found
 
 

@@ -99,6 +99,12 @@ class Supervisor:
         from mlx_cluster.models.loader import check_tensor_parallel
 
         model = self.config.model
+        for i, other in enumerate(self.config.models or []):  # several models: each must exist too
+            if other.name != model.name and (self.placement.ranks[0].is_local or other.path.startswith("builtin:")):
+                try:
+                    resolve_model_path(other.path, other.builtin_dir)
+                except ValueError as e:
+                    raise ConfigError(f"models.{i}.path: {e}") from None
         if not self.placement.ranks[0].is_local and not model.path.startswith("builtin:"):
             return  # the path names a directory on the remote hosts
         try:
