@@ -8,6 +8,7 @@ greedy text must be mlx-lm's own for that model, which is also what the model gi
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -114,11 +115,18 @@ def test_models_listed_loaded_or_not_and_routed_alternately(one_rank, references
     assert metric(one_rank, "mlx_cluster_model_loads_total", model="qwen3") == 1
     assert metric(one_rank, "mlx_cluster_models_loaded") == 2
     assert "loaded model llama in" in one_rank.output()
-    # The chat surface routes the same way.
+    # The chat surface routes the same way, grammars included (built with the running model's tokenizer).
     client = one_rank.openai()
     for arch in ARCHS:
-        reply = client.chat.completions.create(model=arch, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        reply = client.chat.completions.create(
+            model=arch,
+            messages=[{"role": "user", "content": "a JSON object please"}],
+            response_format={"type": "json_object"},
+            max_tokens=64,
+        )
         assert reply.model == arch
+        if reply.choices[0].finish_reason == "stop":
+            json.loads(reply.choices[0].message.content)
 
 
 def test_unknown_model_is_404(one_rank):

@@ -193,7 +193,7 @@ def test_a_model_that_does_not_fit_is_refused_with_the_numbers():
     assert not lanes[1].loaded and lanes[1].stats.refusals == 1
     [(message, status, code)] = lanes[1].frontend.failed
     assert status == 503 and code == "model_not_loaded"
-    assert "model 'b' does not fit: it needs 3.00 GiB per rank (weights / 2 ranks" in message
+    assert "model 'b' does not fit: it needs 3.00 GiB (its weights split over 2 ranks" in message
     assert "has 1.00 GiB available" in message
 
 

@@ -264,24 +264,24 @@ class ModelSet:
         started = time.monotonic()
         self.loading, self.loading_since = lane.name, started
         try:
-            need, free = self._fit(lane)
-            read, error = None, None
-            if need <= free:
-                try:
+            read, error, need_mb, free_mb = None, None, 0, _INT32_MAX
+            try:  # a path missing here, unreadable weights: the agreement below tells the others
+                need, free = self._fit(lane)
+                free_mb, need_mb = min(free // _MB, _INT32_MAX), min(need // _MB, _INT32_MAX)
+                if need_mb <= free_mb:
                     read = self._read(lane)
-                except Exception as e:  # this rank cannot read it; the agreement below tells the others
-                    log.exception("could not read model %s", lane.name)
-                    error = f"{type(e).__name__}: {e}"
-            free_mb, need_mb = min(free // _MB, _INT32_MAX), min(need // _MB, _INT32_MAX)
+            except Exception as e:
+                log.exception("could not read model %s", lane.name)
+                error = f"{type(e).__name__}: {e}"
             least_free_mb, neg_need_mb, all_read = self.agree_min([free_mb, -need_mb, int(read is not None)])
             if -neg_need_mb > least_free_mb:
                 self._refuse(
                     lane,
-                    f"model {lane.name!r} does not fit: it needs {-neg_need_mb / 1024:.2f} GiB per rank "
-                    f"(weights / {self.world_size} ranks + a KV budget of scheduler.max_kv_tokens tokens) but the "
-                    f"rank with the least memory has {least_free_mb / 1024:.2f} GiB available "
-                    f"({self.loaded_count()} model(s) loaded); unload a model, lower scheduler.max_kv_tokens "
-                    "or add ranks",
+                    f"model {lane.name!r} does not fit: it needs {-neg_need_mb / 1024:.2f} GiB (its weights split "
+                    f"over {self.world_size} ranks plus a KV budget of scheduler.max_kv_tokens tokens, added up for "
+                    f"ranks that share a host's memory) but the tightest rank has {least_free_mb / 1024:.2f} GiB "
+                    f"available ({self.loaded_count()} model(s) loaded); unload a model, lower "
+                    "scheduler.max_kv_tokens or add ranks",
                 )
                 return
             if not all_read:

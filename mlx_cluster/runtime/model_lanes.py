@@ -101,20 +101,24 @@ def _make_front(lane: ModelLane, cfg, wake) -> None:
         max_tokens_cap=sched.max_tokens_cap,
         vocab_size=vocab_size,
     )
-    # The prefix cache and KV budget come with the weights (Frontend.attach_cache at each load).
+    # The prefix cache and the exact KV budget come with the weights (Frontend.attach_cache at
+    # each load); until then the configured budget (a lower bound: quantized KV fits more)
+    # turns away a request that could never fit instead of queueing it for ever.
     lane.frontend = frontend = Frontend(
         tokenizer,
         max_batch_size=sched.max_batch_size,
         max_new_per_step=sched.prefill_batch_size,
         max_queue=sched.max_queue,
+        max_kv_tokens=sched.max_kv_tokens,
         wake=wake,
     )
     frontend.hidden_ids -= marker_token_ids(tokenizer, (agent.tool_format, agent.reasoning))
 
 
 def model_fit(lane_cfg, rank: int, world_size: int) -> tuple[int, int]:
-    """(bytes this rank needs for the model: its weights / TP from the safetensors headers plus
-    the KV budget, bytes of memory available to it now)."""
+    """(bytes needed from this rank's memory: its weights / TP from the safetensors headers plus
+    the KV budget, bytes of that memory available now). A GPU is the rank's own; a host's RAM
+    (CPU, Apple unified memory) is shared by its ranks, so their needs add up."""
     from mlx_lm.utils import load_config
 
     from mlx_cluster.cache.sizing import available_memory
@@ -122,5 +126,8 @@ def model_fit(lane_cfg, rank: int, world_size: int) -> tuple[int, int]:
 
     model_dir = _model_dir(lane_cfg.model)
     facts = ModelFacts.of(load_config(model_dir), model_dir)
-    plan = rank_plans(lane_cfg, facts, make_layout(lane_cfg, facts, world_size, 1))[rank]
-    return plan.weight_bytes + plan.kv_budget_bytes, available_memory()[0]
+    plans = rank_plans(lane_cfg, facts, make_layout(lane_cfg, facts, world_size, 1))
+    free, what = available_memory()
+    mine = plans[rank]
+    sharing = [mine] if what == "GPU memory" else [p for p in plans if p.host == mine.host]
+    return sum(p.weight_bytes + p.kv_budget_bytes for p in sharing), free
