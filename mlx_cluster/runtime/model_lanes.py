@@ -39,6 +39,8 @@ def attach_models(ctx, engine, served, stream, bus) -> ModelSet:
 
     def serve(lane, read):
         result = serve_model(ctx, lane.config, *read, stream)
+        # One set of counters for the rank, whichever model runs: status reports stay monotonic.
+        result.executor.stats = served.executor.stats
         result.executor.agree_min = bus.agree_min
         if result.prefix_cache is not None:
             result.prefix_cache.agree_min = bus.agree_min
