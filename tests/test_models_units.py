@@ -207,3 +207,11 @@ def test_a_model_no_rank_can_read_is_refused_and_nothing_is_half_loaded():
     assert not lanes[1].loaded
     [(message, _, _)] = lanes[1].frontend.failed
     assert "could not be loaded: FileNotFoundError: no such directory /m/1" in message
+
+
+def test_other_preloaded_models_load_in_the_first_steps_without_a_request():
+    models, lanes, _ = make_set(3)
+    lanes[2].pinned = True  # preload: true, after the start-up model
+    plan, _ = run(models, 0)
+    assert plan.model_ops == (ModelOp(MODEL_LOAD, 2),) and lanes[2].loaded and not lanes[1].loaded
+    assert run(models, 1)[0].model_ops == ()
