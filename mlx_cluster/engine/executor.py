@@ -103,7 +103,7 @@ class Executor:
         if cache is not None and plan.clear_cache:
             cache.clear()
         if cache is not None and plan.prefetch:
-            cache.prefetch(plan.prefetch)  # background reads; nothing here waits for them
+            cache.prefetch(plan.prefetch, plan.step)  # background reads; nothing here waits for them
         # Dropped sequences store blocks, which may evict: pin what the new ones restore first.
         with cache.pinned(plan.new) if cache is not None else contextlib.nullcontext():
             drop = [self._seq_to_uid[s] for s in plan.drop if s in self._seq_to_uid]

@@ -197,6 +197,8 @@ def build_engine(ctx: RankContext, stream):
             max_tokens_cap=sched.max_tokens_cap,
             vocab_size=vocab_size,
         )
+    if prefix_cache is not None and ctx.world_size > 1:
+        ctx.status.track_prefetches(prefix_cache, frontend)  # workers say when their SSD reads are done
     engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
     on_report = None
