@@ -10,7 +10,7 @@
   A full queue (in items or bytes) drops the write and counts it.
 * A worker tells rank 0 when the reads of a plan's prefetch list are done: `mark(step)` after
   queueing them calls `on_reads_done(step)` once every read queued so far has finished (reads
-  run in order), so rank 0 admits those blocks only once every rank holds them
+  run in order), so rank 0 plans those blocks only once every rank has read them
   (cache/restore_planner.py).
 * A damaged or foreign file is deleted, counted and treated as a miss.
 * Size is capped (least recently accessed files go first; a read touches the file) and files
