@@ -144,12 +144,15 @@ def build_engine(ctx: RankContext, stream):
         live_kv=live_kv,
         speculator=speculator,
     )
-    warmup(executor, token_id=0)
+    prefill_timing = warmup(executor, token_id=0)
     executor.stats.__init__()
     if speculator is not None:
         speculator.reset_stats()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
+    if prefix_cache is not None and prefill_timing is not None:
+        prefix_cache.cost.observe_prefill(*prefill_timing)  # what a restore must beat, from the first request on
+        log.info("prefill measured at start: %d tokens in %.1f ms", prefill_timing[0], prefill_timing[1] * 1e3)
     adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
 
     host, _, port = ctx.plan_link_addr.rpartition(":")
