@@ -71,12 +71,14 @@ def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, 
     loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
     bits, group = _variant(kv_bits, args)
     cache_cfg = CacheSection(kv_bits=bits, kv_group_size=group)
-    live = resolve_live_kv(cache_cfg, loaded.model)
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
     logging.getLogger("mlx_cluster.engine.kv_quant").addHandler(handler)
     logging.getLogger("mlx_cluster.engine.kv_quant").setLevel(logging.INFO)
+    live = resolve_live_kv(cache_cfg, loaded.model)  # after the handler: a fallback's warning says why
+    for message in records:
+        print(f"  kv_bits={kv_bits}: {message}", flush=True)
     budget = kv_budget(args.max_kv_tokens, loaded.model, live)
     ex = make_executor(loaded, None, max_batch_size=args.max_batch_size, live_kv=live)
     frontend = Frontend(

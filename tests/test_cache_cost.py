@@ -66,7 +66,8 @@ def test_prefill_samples_from_tiny_chunks_are_ignored():
 
 
 class FakeCache:
-    """Stands in for PrefixCache: three blocks on SSD, read when `done` says so."""
+    """Stands in for PrefixCache: block a in the RAM tier (so on every rank), b and c on SSD,
+    read on rank 0 once `done` says so; on the workers once the planner is told they are."""
 
     def __init__(self, wait_s: float):
         self.wait_s = wait_s
@@ -77,20 +78,22 @@ class FakeCache:
         return [b"a", b"b", b"c"]
 
     def lookup(self, ids):
-        return list(ids)
+        return list(ids[1:])
 
-    def decide(self, ids):
+    def decide(self, ids, everywhere=True):
         from mlx_cluster.cache.cost import RestoreDecision
 
-        return RestoreDecision(3 if self.done else 0, 0.0 if self.done else self.wait_s, 0 if self.done else 3)
+        if self.done and everywhere:
+            return RestoreDecision(3, 0.0, 0)
+        return RestoreDecision(1, self.wait_s, 2)  # b and c still being read somewhere
 
     def count_held(self):
         self.held += 1
 
-    def plan_sequence(self, seq, ids):
+    def plan_sequence(self, seq, ids, everywhere=True):
         import dataclasses
 
-        return dataclasses.replace(seq, restore_blocks=tuple(ids[: self.decide(ids).blocks]))
+        return dataclasses.replace(seq, restore_blocks=tuple(ids[: self.decide(ids, everywhere).blocks]))
 
 
 def seq(i=1):
@@ -102,27 +105,13 @@ def test_planner_holds_while_reads_are_worth_it_then_admits_with_the_blocks():
     cache = FakeCache(wait_s=0.5)
     planner = RestorePlanner(cache, clock=lambda: now[0])
     planner.arrived(seq())
-    assert planner.take_hints() == (b"a", b"b", b"c") and planner.take_hints() == ()
+    assert planner.take_hints() == (b"b", b"c") and planner.take_hints() == ()
     assert planner.held(seq()) and planner.waiting_for_reads and cache.held == 1
     now[0] = 0.2
     assert planner.held(seq()) and cache.held == 1  # counted once
     cache.done = True
     assert not planner.held(seq())
     assert planner.admitted(seq()).restore_blocks == (b"a", b"b", b"c")
-
-
-def test_planner_gives_workers_as_long_again_as_its_own_reads_took():
-    now = [0.0]
-    cache = FakeCache(wait_s=0.5)
-    planner = RestorePlanner(cache, clock=lambda: now[0], world_size=2)
-    planner.arrived(seq())
-    assert planner.held(seq())
-    now[0], cache.done = 0.1, True  # rank 0's reads took 0.1 s; the workers started a plan later
-    assert planner.held(seq())
-    now[0] = 0.19
-    assert planner.held(seq())
-    now[0] = 0.21
-    assert not planner.held(seq()) and planner.admitted(seq()).restore_blocks == (b"a", b"b", b"c")
 
 
 def test_planner_stops_holding_when_the_wait_runs_out():
@@ -132,7 +121,57 @@ def test_planner_stops_holding_when_the_wait_runs_out():
     assert planner.held(seq())
     now[0] = 0.6
     assert not planner.held(seq()) and not planner.waiting_for_reads
-    assert planner.admitted(seq()).restore_blocks == ()  # the reads lost: prefill it all
+    assert planner.admitted(seq()).restore_blocks == (b"a",)  # the reads lost: prefill the rest
+
+
+def two_ranks(wait_s=0.5):
+    """A planner on rank 0 of two ranks, its worker's reports in `through` (the latest step the
+    worker has read the prefetch lists of), its request's hints published in plan 5."""
+    now, through = [0.0], [-1]
+    cache = FakeCache(wait_s)
+    planner = RestorePlanner(cache, clock=lambda: now[0], world_size=2, workers_read_through=lambda: through[0])
+    planner.arrived(seq())
+    assert planner.held(seq())  # nobody has read anything yet
+    assert planner.take_hints(5) == (b"b", b"c")
+    return planner, cache, now, through
+
+
+def test_planner_admits_at_once_when_every_rank_has_read_the_blocks():
+    planner, cache, now, through = two_ranks()
+    now[0], cache.done, through[0] = 0.01, True, 5
+    assert not planner.held(seq())
+    assert planner.admitted(seq()).restore_blocks == (b"a", b"b", b"c")
+
+
+def test_planner_waits_for_a_slow_worker_after_its_own_reads_are_done():
+    planner, cache, now, through = two_ranks()
+    now[0], cache.done = 0.01, True  # rank 0's reads are done; the worker has not reported yet
+    assert planner.held(seq())
+    now[0], through[0] = 0.3, 4  # a report for an earlier plan does not cover this request
+    assert planner.held(seq())
+    now[0], through[0] = 0.4, 5
+    assert not planner.held(seq())
+    assert planner.admitted(seq()).restore_blocks == (b"a", b"b", b"c")
+
+
+def test_planner_admits_without_ssd_blocks_when_a_worker_never_reports():
+    planner, cache, now, through = two_ranks()
+    now[0], cache.done = 0.01, True
+    assert planner.held(seq())
+    now[0] = 0.51  # the wait the cost model allows has run out
+    assert not planner.held(seq()) and not planner.waiting_for_reads
+    assert planner.admitted(seq()).restore_blocks == (b"a",)  # the RAM tier is the same on every rank
+
+
+def test_planner_without_worker_reports_never_plans_ssd_blocks_on_several_ranks():
+    now = [0.0]
+    cache = FakeCache(wait_s=0.5)
+    cache.done = True
+    planner = RestorePlanner(cache, clock=lambda: now[0], world_size=2)
+    planner.arrived(seq())
+    planner.take_hints(1)
+    now[0] = 1.0
+    assert not planner.held(seq()) and planner.admitted(seq()).restore_blocks == (b"a",)
 
 
 # ---- real runs on builtin:tiny -------------------------------------------------------------
@@ -198,3 +237,20 @@ def test_reads_that_lose_to_prefill_are_not_even_started_except_to_remeasure():
     assert model(prefill_s_per_token=33e-6, read_s_per_byte=1e-9).reads_pay() is False
     assert model(prefill_s_per_token=1e-3, read_s_per_byte=1e-9).reads_pay() is True
     assert model(prefill_s_per_token=1e-3).reads_pay() is None
+
+
+def test_real_cache_counts_ssd_blocks_as_restorable_only_once_every_rank_has_read_them(loaded, tmp_path):
+    ex, cold = ssd_only(loaded, tmp_path)
+    cache = ex.prefix_cache
+    ids = cache.block_ids(PROMPT)
+    assert len(cache.lookup(ids)) == 6  # rank 0's reads start
+    deadline = time.monotonic() + 10
+    while cache.decide(ids).reading and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.decide(ids).blocks == 6  # all in rank 0's memory
+    elsewhere = cache.decide(ids, everywhere=False)  # ... but not yet known to be on the workers
+    assert elsewhere.blocks == 0 and elsewhere.reading == 6
+    seq = NewSequence(1, tuple(PROMPT), SamplingParams(max_tokens=1, seed=0))
+    assert cache.plan_sequence(seq, ids, everywhere=False).restore_blocks == ()
+    assert cache.plan_sequence(seq, ids).restore_blocks == tuple(ids[:6])
+    cache.close()

@@ -1,7 +1,8 @@
 """The prefix cache on a real two-rank cluster, over HTTP: cold, RAM hit and SSD hit (after a
 restart) give token-identical greedy output; a worker whose SSD lost blocks still agrees with
-rank 0 on what to restore; concurrent requests share a prefix; a tool-using agent session
-reuses >= 90% of its prompt from its second turn on, also after a restart."""
+rank 0 on what to restore; a worker with a slow disk is waited for, within a bound; concurrent
+requests share a prefix; a tool-using agent session reuses >= 90% of its prompt from its second
+turn on, also after a restart."""
 
 import json
 import shutil
@@ -20,19 +21,25 @@ pytestmark = pytest.mark.slow
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
 BLOCK = 16  # cache.block_size (the default)
+# Prompts of 3 and 29 restorable blocks (check_a_slow_worker_disk).
+SHORT_SYSTEM = {
+    "role": "system",
+    "content": "Answer briefly and plainly, in one or two sentences, and say only what is asked.",
+}
+LONG_SYSTEM = {"role": "system", "content": "Explain every step of your reasoning in detail. " * 30}
 
 
-def chat_body(question, max_tokens=24) -> dict:
+def chat_body(question, max_tokens=24, system=SYSTEM) -> dict:
     return {
-        "messages": [SYSTEM, {"role": "user", "content": question}],
+        "messages": [system, {"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
     }
 
 
-def ask(cluster, question, max_tokens=24):
-    r = cluster.post("/v1/chat/completions", chat_body(question, max_tokens))
+def ask(cluster, question, max_tokens=24, system=SYSTEM):
+    r = cluster.post("/v1/chat/completions", chat_body(question, max_tokens, system))
     assert r.status_code == 200, r.text
     body = r.json()
     return body["choices"][0]["message"]["content"], body["usage"]
@@ -54,6 +61,10 @@ def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir, tiny_mod
         assert all(u["prompt_tokens_details"]["cached_tokens"] > 0 for _, u in together)
         stats = httpx.get(cluster.url + "/admin/cache", timeout=10).json()
         assert stats["ram"]["hits"] > 0
+        more_cold = {
+            "short": ask(cluster, "Why?", system=SHORT_SYSTEM)[0],
+            "long": ask(cluster, "What is a cluster?", system=LONG_SYSTEM)[0],
+        }
     rank_dirs = sorted(kv.glob("v*/*/tp2/rank*"))
     assert [d.name for d in rank_dirs] == ["rank0", "rank1"]
     assert all(list(d.glob("*.safetensors")) for d in rank_dirs)
@@ -79,8 +90,10 @@ def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir, tiny_mod
         assert again == cold
         assert usage["prompt_tokens_details"]["cached_tokens"] == len(chain) * BLOCK
 
+    check_a_slow_worker_disk(tmp_path / "d", models_dir, cfg, rank_dirs[1], tiny_model_path, more_cold)
 
-def prompt_chain(model_path, request: dict, rank_dir: Path) -> list[bytes]:
+
+def prompt_chain(model_path, request: dict, rank_dir: Path, min_blocks: int = 7) -> list[bytes]:
     """The ids of the blocks a restore of this chat request's prompt may use, in chain order,
     computed as the server does (its chat template and tokenizer, the namespace from a block)."""
     from mlx_lm.tokenizer_utils import load
@@ -96,8 +109,34 @@ def prompt_chain(model_path, request: dict, rank_dir: Path) -> list[bytes]:
     for i in range(restorable_blocks(len(tokens), BLOCK)):
         parent = block_hash(parent, tokens[i * BLOCK : (i + 1) * BLOCK])
         chain.append(parent)
-    assert len(chain) > 6, len(chain)
+    assert len(chain) >= min_blocks, len(chain)
     return chain
+
+
+def check_a_slow_worker_disk(workdir, models_dir, cfg, rank1_dir, model_path, cold: dict) -> None:
+    """Rank 1 reads its SSD 50 ms per block slower: rank 0 holds the request until rank 1 has
+    said its reads are done, then restores every block; a prompt whose reads on rank 1 outlast
+    the wait rank 0 allows (1 s before any cost is measured) is admitted with no SSD block.
+    Either way both ranks restore the same count, the one reported, and the output is the same."""
+    short_chain = prompt_chain(model_path, chat_body("Why?", system=SHORT_SYSTEM), rank1_dir, min_blocks=1)
+    long_chain = prompt_chain(model_path, chat_body("What is a cluster?", system=LONG_SYSTEM), rank1_dir)
+    assert len(short_chain) * 0.05 < 0.5 and len(long_chain) * 0.05 > 1.2  # well inside and past the 1 s bound
+    slow_disk = {"MLX_CLUSTER_TEST_SSD_READ_DELAY": "1:0.05"}
+    with Cluster(workdir, ranks=2, models_dir=models_dir, config=cfg, env=slow_disk) as cluster:
+        answer, usage = ask(cluster, "Why?", system=SHORT_SYSTEM)  # first: no prefill measured yet, 1 s bound
+        assert answer == cold["short"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(short_chain) * BLOCK
+        answer, usage = ask(cluster, "What is a cluster?", system=LONG_SYSTEM)
+        assert answer == cold["long"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        cluster.wait_for(
+            lambda: (
+                [r["restored_tokens"] for r in httpx.get(cluster.url + "/admin/cache", timeout=10).json()["ranks"]]
+                == [len(short_chain) * BLOCK] * 2
+            ),
+            30,
+            "both ranks to report the same restored tokens",
+        )
 
 
 def test_other_tp_size_gets_no_hits(tmp_path, models_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from mlx_cluster.cache.blocks import Block
 from mlx_cluster.cache.hashing import FORMAT_VERSION, Namespace
-from mlx_cluster.cache.ssd import SsdTier
+from mlx_cluster.cache.ssd import TEST_READ_DELAY_ENV, SsdTier, read_delay_for_tests
 
 NS = Namespace("ab" * 32, tp_size=1, dtype="float32", kv_bits=None, kv_group_size=64, block_size=4)
 
@@ -96,6 +97,37 @@ def test_prefetch_reads_in_the_background_and_take_never_touches_the_disk(tmp_pa
     assert t.take(bid(2)) is None  # taken once; the caller promotes it to RAM
     assert t.stats.prefetch_adopted == 1 and t.stats.staged_blocks == 1
     t.close()
+
+
+def test_a_mark_fires_once_every_read_queued_before_it_is_done(tmp_path):
+    written(tier(tmp_path), 1, 2, 3).close()
+    t = tier(tmp_path)
+    done = []
+    t.on_reads_done = done.append
+    t.mark(1)
+    assert done == [1]  # nothing being read: at once
+    gate = threading.Event()
+    read = t._read_host
+    t._read_host = lambda *a, **kw: gate.wait(10) and read(*a, **kw)  # a disk that waits for the test
+    t.prefetch([bid(1), bid(2)])
+    t.mark(2)
+    t.prefetch([bid(2), bid(9)])  # already being read, and not on disk: nothing new to wait for
+    t.mark(3)
+    assert done == [1]
+    gate.set()
+    deadline = time.monotonic() + 10
+    while done == [1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [1, 3] and t.state(bid(2)) == "memory"  # one call for the marks the last read reached
+    t.close()
+
+
+def test_the_read_delay_for_tests_names_a_rank():
+    env = {TEST_READ_DELAY_ENV: "1:0.25"}
+    assert read_delay_for_tests(1, env) == 0.25 and read_delay_for_tests(0, env) == 0.0
+    assert read_delay_for_tests(1, {}) == 0.0
+    with pytest.raises(ValueError, match="RANK:SECONDS"):
+        read_delay_for_tests(1, {TEST_READ_DELAY_ENV: "0.25"})
 
 
 def test_staging_is_bounded_and_expires(tmp_path):

@@ -15,6 +15,7 @@ from mlx_cluster.runtime.status_link import (
     MAGIC,
     MAX_REPORT_BYTES,
     STALE_HEARTBEATS,
+    Reporter,
     StatusBoard,
     StatusServer,
     dial,
@@ -100,6 +101,41 @@ def test_reports_reach_the_board_and_strangers_and_oversized_reports_are_turned_
         assert _wait(lambda: board.snapshot()[1]["state"] == "down")
     finally:
         server.close()
+
+
+def test_prefetch_notices_reach_the_board_at_once_and_count_only_once_every_worker_sent_one():
+    board, server, port = _server(world_size=3)
+    woken = []
+    board.on_prefetched = lambda: woken.append(1)
+    try:
+        one = dial(1, "127.0.0.1", port, TOKEN, timeout_s=5)
+        two = dial(2, "127.0.0.1", port, TOKEN, timeout_s=5)
+        send_report(one, {"notice": "prefetched", "step": 7})
+        assert _wait(lambda: woken) and board.prefetched_through() == -1  # rank 2 has not read yet
+        send_report(two, {"notice": "prefetched", "step": 5})
+        assert _wait(lambda: board.prefetched_through() == 5)
+        send_report(two, {"notice": "prefetched", "step": 9})
+        assert _wait(lambda: board.prefetched_through() == 7)
+        send_report(one, {"notice": "prefetched", "step": "8"})  # not a step: counted and ignored
+        assert _wait(lambda: board.bad_reports == 1) and board.prefetched_through() == 7
+        assert board.snapshot()[1]["state"] == "unknown"  # a notice is not a report
+        one.close()
+        two.close()
+    finally:
+        server.close()
+
+
+def test_a_reporter_delivers_a_notice_without_waiting_for_the_heartbeat():
+    delivered = []
+    reporter = Reporter(lambda: {"report": True}, delivered.append, interval_s=60.0).start()
+    try:
+        assert _wait(lambda: delivered == [{"report": True}])
+        reporter.notify({"notice": "prefetched", "step": 1})
+        reporter.notify({"notice": "prefetched", "step": 2})  # replaces the one not sent yet, if any
+        assert _wait(lambda: delivered[-1] == {"notice": "prefetched", "step": 2})
+        assert delivered.count({"report": True}) == 1
+    finally:
+        reporter.stop()
 
 
 def test_admin_status_is_behind_the_key_and_the_dashboard_page_is_not():

@@ -4,7 +4,8 @@
                         lookup(ids)          -> the SSD ones of its cached chain start prefetching
     rank 0, scheduling  decide(ids)          -> restore how many, and whether to wait for reads (cost.py)
     rank 0, admission   plan_sequence(seq)   -> the leading blocks worth restoring now (decide's count)
-    every rank, apply   prefetch(plan ids)   -> this rank's SSD reads start in the background
+    every rank, apply   prefetch(ids, step)  -> this rank's SSD reads start in the background; a
+                                                worker calls on_prefetched(step) once they are done
                         pinned(new)          -> those RAM blocks survive this step's drops
                         restore_batch(new)   -> one bus round agrees on what every rank can restore
     every rank, step    on_prompt_done(...)  -> store the prompt's blocks once it is prefilled
@@ -13,9 +14,10 @@
 
 The RAM tier is a mirror: every rank stores, touches and evicts the same ids in the same order
 (each its own KV shard), because all of it follows the plan. SSD tiers may differ (a dropped
-write, a wiped disk, a slower disk), which is why a restore first agrees on the count every
-rank has in memory. No step ever waits for the disk: a restore adopts only blocks in the RAM
-tier or already prefetched, and the rest of the prompt is prefilled.
+write, a wiped disk, a slower disk), which is why rank 0 plans SSD blocks only once every
+worker has reported its reads done (restore_planner.py), and a restore still first agrees on
+the count every rank has in memory. No step ever waits for the disk: a restore adopts only
+blocks in the RAM tier or already prefetched, and the rest of the prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ class PrefixCache:
         self._lookups = 0  # lookups that found SSD blocks (every REMEASURE_EVERY-th reads them anyway)
         self._closed = False
         self._adapter_roots: dict[int, bytes] = {}  # LoRA slot -> chain root (hashing.adapter_root)
+        # A worker's "my reads of plan `step`'s prefetch list are done" (rank.py sends it to rank 0).
+        self.on_prefetched = None
+        if self.ssd is not None:
+            self.ssd.on_reads_done = self._prefetched
 
     # ---- LoRA adapters: their blocks hash under their own root -----------------------------
     def set_adapter(self, slot: int, fingerprint: str | None) -> None:
@@ -184,8 +190,12 @@ class PrefixCache:
         self.ssd.prefetch(on_disk)
         return on_disk
 
-    def decide(self, ids: Sequence[bytes]) -> RestoreDecision:
-        """How many leading blocks of `ids` to restore now, and how long to wait for the rest."""
+    def decide(self, ids: Sequence[bytes], everywhere: bool = True) -> RestoreDecision:
+        """How many leading blocks of `ids` to restore now, and how long to wait for the rest.
+
+        `everywhere`: whether every rank has read what this rank has read from SSD. If not, an
+        SSD block already in this rank's memory still counts as being read: the RAM tier is the
+        same on every rank, this rank's staging area is not."""
         where, sizes = [], []
         for block_id in ids:
             if self.ram.contains(block_id):
@@ -195,15 +205,18 @@ class PrefixCache:
             state = self.ssd.state(block_id) if self.ssd is not None else "absent"
             if state not in ("memory", "reading"):
                 break  # absent, or on disk and not being read: prefilled
-            where.append(state)
+            where.append(state if everywhere else "reading")
             sizes.append(self.ssd.file_bytes(block_id) or self.cost.block_bytes)
         return self.cost.plan(where, sizes)
 
-    def plan_sequence(self, seq: NewSequence, ids: Sequence[bytes] | None = None) -> NewSequence:
-        """Fill `restore_blocks` with the leading cached blocks worth restoring now."""
+    def plan_sequence(
+        self, seq: NewSequence, ids: Sequence[bytes] | None = None, everywhere: bool = True
+    ) -> NewSequence:
+        """Fill `restore_blocks` with the leading cached blocks worth restoring now (SSD blocks
+        only when `everywhere`: every rank has read them, see decide)."""
         if ids is None:
             ids = self.block_ids(seq.prompt, seq.adapter)
-        n = self.decide(ids).blocks if ids else 0
+        n = self.decide(ids, everywhere).blocks if ids else 0
         cached = 0
         while cached < len(ids) and self._has(ids[cached]):
             cached += 1
@@ -213,10 +226,21 @@ class PrefixCache:
     def count_held(self) -> None:
         self._stats.held += 1
 
-    def prefetch(self, ids: Sequence[bytes]) -> None:
-        """Start reading these blocks from this rank's SSD tier (those not in RAM), in the background."""
+    def prefetch(self, ids: Sequence[bytes], step: int | None = None) -> None:
+        """Start reading these blocks from this rank's SSD tier (those not in RAM), in the
+        background; once they are read (or found missing), `on_prefetched(step)` tells rank 0."""
         if self.ssd is not None and ids:
             self.ssd.prefetch([b for b in ids if not self.ram.contains(b)])
+        if step is not None and ids and self.on_prefetched is not None:
+            if self.ssd is not None:
+                self.ssd.mark(step)
+            else:
+                self.on_prefetched(step)  # no tier here: nothing to read, nothing to wait for
+
+    def _prefetched(self, step: int) -> None:
+        callback = self.on_prefetched
+        if callback is not None:
+            callback(step)
 
     def _has(self, block_id: bytes) -> bool:
         return self.ram.contains(block_id) or (self.ssd is not None and self.ssd.contains(block_id))

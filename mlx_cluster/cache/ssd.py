@@ -8,6 +8,10 @@
 * Writes go through one bounded queue to one writer thread, which writes a temp file in the
   same directory, fsyncs it and renames it into place, so a reader sees a whole file or none.
   A full queue (in items or bytes) drops the write and counts it.
+* A worker tells rank 0 when the reads of a plan's prefetch list are done: `mark(step)` after
+  queueing them calls `on_reads_done(step)` once every read queued so far has finished (reads
+  run in order), so rank 0 plans those blocks only once every rank has read them
+  (cache/restore_planner.py).
 * A damaged or foreign file is deleted, counted and treated as a miss.
 * Size is capped (least recently accessed files go first; a read touches the file) and files
   not accessed for `ttl_s` expire, checked at startup and periodically by the writer.
@@ -27,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +43,20 @@ from mlx_cluster.cache.hashing import FORMAT_VERSION
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+# Tests only: "RANK:SECONDS" makes that rank's SSD reads that much slower each (a slow disk).
+TEST_READ_DELAY_ENV = "MLX_CLUSTER_TEST_SSD_READ_DELAY"
+
+
+def read_delay_for_tests(rank: int, environ=os.environ) -> float:
+    """The read delay TEST_READ_DELAY_ENV asks of `rank` (0 when unset or for another rank)."""
+    value = environ.get(TEST_READ_DELAY_ENV, "")
+    if not value:
+        return 0.0
+    try:
+        which, seconds = value.split(":")
+        return float(seconds) if int(which) == rank else 0.0
+    except ValueError:
+        raise ValueError(f"{TEST_READ_DELAY_ENV}={value!r}: expected RANK:SECONDS, e.g. 1:0.05") from None
 
 
 @dataclass
@@ -112,6 +130,12 @@ class SsdTier:
         self._reader: threading.Thread | None = None
         self.read_cost = Ewma()  # seconds per byte to read and verify, measured on every read
         self.on_staged = None  # called on the reader thread when the queued reads are done (rank 0 wakes its scheduler)
+        # Read progress, for mark(): reads queued and finished so far, and marks not yet reached.
+        self._reads_queued = 0
+        self._reads_done = 0
+        self._marks: deque[tuple[int, int]] = deque()  # (reads queued when marked, step)
+        self.on_reads_done = None  # called with a marked step once its reads are done (a worker tells rank 0)
+        self._test_read_delay_s = read_delay_for_tests(rank)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".probe.{os.getpid()}.tmp"
@@ -162,6 +186,8 @@ class SsdTier:
             return None
         path = self._path(block_id)
         t0 = time.perf_counter()
+        if self._test_read_delay_s:
+            time.sleep(self._test_read_delay_s)
         try:
             data = path.read_bytes()
             host = blockfile.parse(data, {**self.metadata, **(expected or {}), "block": block_id.hex()})
@@ -211,7 +237,18 @@ class SsdTier:
                     self._inflight.add(block_id)
                     self._prefetch_queue.put(block_id)
                     queued += 1
+            self._reads_queued += queued
         return queued
+
+    def mark(self, step: int) -> None:
+        """Call `on_reads_done(step)` once every read queued so far has finished: at once when
+        none is pending, else on the reader thread after the last of them."""
+        with self._lock:
+            pending = self._reads_done < self._reads_queued and self._reader is not None
+            if pending:
+                self._marks.append((self._reads_queued, step))
+        if not pending and self.on_reads_done is not None:
+            self.on_reads_done(step)
 
     def state(self, block_id: bytes) -> str:
         """Where a block is for a restore: "memory" (take() will have it), "reading" (prefetch in
@@ -247,8 +284,12 @@ class SsdTier:
             if block_id is None:
                 return
             host = self._read_host(block_id) if self.enabled else None
+            reached = None
             with self._lock:
                 self._inflight.discard(block_id)
+                self._reads_done += 1
+                while self._marks and self._marks[0][0] <= self._reads_done:
+                    reached = self._marks.popleft()[1]
                 if host is not None:
                     while self._staged and self.stats.staged_bytes + host.nbytes > self.max_staged_bytes:
                         self._unstage(next(iter(self._staged)))  # the oldest makes room
@@ -257,6 +298,8 @@ class SsdTier:
                     self.stats.staged_bytes += host.nbytes
                     self.stats.staged_blocks = len(self._staged)
                     self.stats.prefetched += 1
+            if reached is not None and self.on_reads_done is not None:
+                self.on_reads_done(reached)
             callback = self.on_staged
             if callback is not None and not self._inflight:
                 callback()  # once per burst of reads, not per block

@@ -150,7 +150,7 @@ class Frontend:
             RestorePlanner(prefix_cache, world_size=prefix_cache.world_size) if prefix_cache is not None else None
         )
         if prefix_cache is not None and prefix_cache.ssd is not None:
-            prefix_cache.ssd.on_staged = self._wake_up
+            prefix_cache.ssd.on_staged = self.wake_up
         if self.restores is not None:
             for seq in self._waiting:  # requests that queued while the model was not loaded
                 self.restores.arrived(seq)
@@ -229,7 +229,8 @@ class Frontend:
         self._inbox.put(("clear_cache", done))
         self._wake.set()
 
-    def _wake_up(self) -> None:
+    def wake_up(self) -> None:
+        """Any thread: SSD reads finished (here or on a worker), so a held request may go now."""
         self._wake.set()
 
     def request_shutdown(self) -> None:
@@ -295,7 +296,7 @@ class Frontend:
         if self.restores is not None:
             # Decided at admission, not arrival, so blocks stored or read while the request queued count.
             new = tuple(self.restores.admitted(s) for s in plan.new)
-            plan = dataclasses.replace(plan, new=new, prefetch=self.restores.take_hints())
+            plan = dataclasses.replace(plan, new=new, prefetch=self.restores.take_hints(step))
         if self.adapter_scheduler is not None:
             in_use = {s.adapter for s in self._waiting} | set(self._running_adapters.values())
             ops = self.adapter_scheduler.next_ops(in_use)

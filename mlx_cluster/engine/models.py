@@ -133,6 +133,7 @@ class ModelSet:
         idle_unload_s: float | None,
         world_size: int = 1,
         on_install: Callable | None = None,
+        on_loaded: Callable | None = None,
     ):
         self.lanes = lanes
         self._read, self._serve, self._fit = read, serve, fit
@@ -140,6 +141,7 @@ class ModelSet:
         self.idle_unload_s = idle_unload_s
         self.world_size = world_size
         self.on_install = on_install  # (lane) -> None: point per-tokenizer state at the lane that runs
+        self.on_loaded = on_loaded  # (lane) -> None: after a load, once its frontend has its cache
         self._installed = next(i for i, lane in enumerate(lanes) if lane.loaded)
         self._last_run = self._installed
         self.loading: str | None = None  # the model loading right now (read by the HTTP thread)
@@ -293,6 +295,8 @@ class ModelSet:
             self._installed = lane.index  # serving it installed its tokenizer for grammars
             if lane.frontend is not None:
                 lane.frontend.attach_cache(served.prefix_cache, served.budget.tokens)
+            if self.on_loaded is not None:
+                self.on_loaded(lane)
             lane.stats.loads += 1
             lane.stats.last_load_s = time.monotonic() - started
             lane.last_used = time.monotonic()

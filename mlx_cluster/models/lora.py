@@ -251,10 +251,13 @@ class LoRAProjection(nn.Module):
         mx.eval(self.lora_a, self.lora_b, self.lora_scale)
 
     def _lora(self, x: mx.array, index: mx.array) -> mx.array:
-        # x: (rows, tokens, in); each row times its own slot's A, then B. gather_mm picks the
-        # matrices by index without copying them out per row (as MoE experts are applied).
-        z = mx.gather_mm(x, self["lora_a"], rhs_indices=index)
-        z = mx.gather_mm(z, self["lora_b"], rhs_indices=index)
+        # x: (rows, tokens, in); each row times its own slot's A, then B, as a batched matmul
+        # on the rows' copies of their (small, rank-r) matrices. Not gather_mm: on CUDA (mlx
+        # 0.32.4) a float32 gather_mm over a prefill chunk fails ("cuGraphAddKernelNode ...
+        # invalid argument") and adapters are float32 as mlx-lm trains them. The copies cost
+        # rows x in x r values per layer, a few MB per decode step of an 8B model at 32 rows.
+        z = x @ self["lora_a"][index]
+        z = z @ self["lora_b"][index]
         scale = self["lora_scale"][index].astype(z.dtype)  # mlx-lm: python scale * z, z's dtype
         return (scale[:, None, None] * z).astype(x.dtype)
 

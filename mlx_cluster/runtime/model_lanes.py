@@ -34,7 +34,7 @@ def attach_models(ctx, engine, served, stream, bus) -> ModelSet:
                 lane.frontend, lane.tokenizer = ctx.frontend, state.tokenizer
                 lane.agent, lane.limits = state.agent, state.limits
             else:
-                _make_front(lane, cfg, wake=ctx.frontend._wake)
+                _make_front(lane, cfg, wake=ctx.frontend._wake)  # one event: any queue wakes the engine
         lanes.append(lane)
 
     def serve(lane, read):
@@ -49,6 +49,10 @@ def attach_models(ctx, engine, served, stream, bus) -> ModelSet:
     def install(lane):  # grammar matchers are built against the tokenizer of the model that runs
         constrain.install(lane.served.loaded.tokenizer, lane.served.vocab_size)
 
+    def loaded(lane):  # several ranks: workers tell rank 0 when this model's SSD reads are done
+        if lane.served.prefix_cache is not None and ctx.world_size > 1:
+            ctx.status.track_prefetches(lane.served.prefix_cache, lane.frontend)
+
     models = ModelSet(
         lanes,
         read=lambda lane: read_model(ctx, lane.config),
@@ -58,6 +62,7 @@ def attach_models(ctx, engine, served, stream, bus) -> ModelSet:
         idle_unload_s=cfg.idle_unload_s,
         world_size=ctx.world_size,
         on_install=install,
+        on_loaded=loaded,
     )
     engine.models = models
     if ctx.rank == 0:

@@ -154,6 +154,8 @@ def build_engine(ctx: RankContext, stream):
             max_tokens_cap=sched.max_tokens_cap,
             vocab_size=vocab_size,
         )
+    if prefix_cache is not None and ctx.world_size > 1:
+        ctx.status.track_prefetches(prefix_cache, frontend)  # workers say when their SSD reads are done
     engine = Engine(executor, bus, frontend, heartbeat_s=sup.heartbeat_s, trace=StepTrace.from_env(ctx.rank))
     ctx.engine = engine
     if cfg.models is not None:  # several models: lanes around the one just loaded (engine/models.py)
@@ -235,12 +237,15 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
         live_kv=live_kv,
         speculator=speculator,
     )
-    warmup(executor, token_id=0)
+    prefill_timing = warmup(executor, token_id=0)
     executor.stats.__init__()
     if speculator is not None:
         speculator.reset_stats()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
+    if prefix_cache is not None and prefill_timing is not None:
+        prefix_cache.cost.observe_prefill(*prefill_timing)  # what a restore must beat, from the first request on
+        log.info("prefill measured at start: %d tokens in %.1f ms", prefill_timing[0], prefill_timing[1] * 1e3)
     adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
     return ServedModel(loaded, executor, prefix_cache, adapters, speculator, vocab_size, budget)
 

@@ -11,6 +11,13 @@ Rank 0 keeps the latest report of every rank (its own comes straight from its ow
 without a socket) in a `StatusBoard`, with the time it arrived. A report older than
 `STALE_HEARTBEATS` heartbeats, or a connection that closed, marks the rank down.
 
+The same connection carries one small notice, sent by the worker's reporter thread as soon as
+there is one rather than at the next heartbeat (1 s by default, too slow for an admission):
+`{"notice": "prefetched", "step": S}`, "my SSD reads of every plan up to S are done". Rank 0's
+restore planner admits a request's SSD blocks only once every worker has sent it for the plan
+that carried them (cache/restore_planner.py). It costs no collective and no step time: the
+link is its own TCP connection, read on its own thread.
+
 Wire format: the dialling worker sends MAGIC, its rank (u32 little-endian) and the run's
 token (the plan link's, so only ranks of this run get in); then frames of a u32 length and
 a JSON object of at most MAX_REPORT_BYTES. Rank 0 listens only while the group joins (like
@@ -50,6 +57,8 @@ class StatusBoard:
         self._received: dict[int, float] = {}
         self._previous: dict[int, tuple[float, dict]] = {}
         self._closed: set[int] = set()  # ranks whose status connection ended
+        self._prefetched: dict[int, int] = {}  # rank -> the highest step whose SSD prefetch it has read
+        self.on_prefetched: Callable[[], None] | None = None  # wakes rank 0's scheduler
         self.bad_reports = 0
 
     def put(self, rank: int, report: dict) -> None:
@@ -61,6 +70,19 @@ class StatusBoard:
             self._reports[rank] = report
             self._received[rank] = now
             self._closed.discard(rank)
+
+    def prefetched(self, rank: int, step: int) -> None:
+        """Worker `rank` has read the prefetch lists of every plan up to `step`."""
+        with self._lock:
+            self._prefetched[rank] = max(step, self._prefetched.get(rank, -1))
+        callback = self.on_prefetched
+        if callback is not None:
+            callback()
+
+    def prefetched_through(self) -> int:
+        """The highest step whose prefetch list every worker has read (-1: some worker none yet)."""
+        with self._lock:
+            return min((self._prefetched.get(r, -1) for r in range(1, self.world_size)), default=-1)
 
     def closed(self, rank: int) -> None:
         with self._lock:
@@ -238,13 +260,22 @@ class StatusServer:
                     report = None
                 if not isinstance(report, dict):
                     self.board.bad_reports += 1
-                    continue
-                self.board.put(rank, report)
+                elif "notice" in report:
+                    self._notice(rank, report)
+                else:
+                    self.board.put(rank, report)
         except OSError:
             pass
         finally:
             conn.close()
             self.board.closed(rank)
+
+    def _notice(self, rank: int, notice: dict) -> None:
+        step = notice.get("step")
+        if notice.get("notice") == "prefetched" and type(step) is int:
+            self.board.prefetched(rank, step)
+        else:
+            self.board.bad_reports += 1
 
     def wait_joined(self, timeout_s: float = ACCEPT_WAIT_S) -> None:
         self.joined.wait(timeout_s)
@@ -294,29 +325,49 @@ def send_report(sock: socket.socket, report: dict) -> None:
 
 class Reporter:
     """Builds this rank's report every heartbeat and hands it to `deliver` (a socket send on a
-    worker, the board on rank 0). Runs on its own daemon thread until `stop()`."""
+    worker, the board on rank 0), and delivers a notice as soon as one is given (the latest one
+    only: a notice says how far something got). Runs on its own daemon thread until `stop()`,
+    so whoever gives a notice never waits on the socket."""
 
     def __init__(self, build: Callable[[], dict], deliver: Callable[[dict], None], interval_s: float):
         self.build, self.deliver, self.interval_s = build, deliver, interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._notice: dict | None = None
 
     def start(self) -> Reporter:
         threading.Thread(target=self._run, name="status-reporter", daemon=True).start()
         return self
 
+    def notify(self, notice: dict) -> None:
+        """Send `notice` now (any thread), in place of one not sent yet."""
+        with self._lock:
+            self._notice = notice
+        self._wake.set()
+
     def _run(self) -> None:
+        next_report = time.monotonic()
         while not self._stop.is_set():
             try:
-                self.deliver(self.build())
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + self.interval_s
+                    self.deliver(self.build())
+                with self._lock:
+                    notice, self._notice = self._notice, None
+                if notice is not None:
+                    self.deliver(notice)
             except OSError as e:
                 log.warning("status link: rank 0 is no longer reading reports (%s)", e)
                 return
             except Exception:  # a broken report must never end the rank
                 log.exception("status link: could not build a report")
-            self._stop.wait(self.interval_s)
+            self._wake.wait(max(0.0, next_report - time.monotonic()))
+            self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 # ---- wiring, called from runtime/rank.py --------------------------------------------------
@@ -331,6 +382,8 @@ class RankStatus:
         self.sock: socket.socket | None = None
         self.reporter: Reporter | None = None
         self._dialer: threading.Thread | None = None
+        self._prefetched_lock = threading.Lock()
+        self._prefetched_step = -1
         install_error_counter()
         if world_size == 1 or not addr:
             return
@@ -378,6 +431,24 @@ class RankStatus:
         else:
             return
         self.reporter = Reporter(build, deliver, self.heartbeat_s).start()
+
+    def track_prefetches(self, prefix_cache, frontend) -> None:
+        """Several ranks: a worker tells rank 0 when its SSD prefetch reads are done; rank 0's
+        restore planner admits SSD blocks once every worker has (cache/restore_planner.py)."""
+        if self.board is not None:
+            if frontend.restores is not None:
+                frontend.restores.workers_read_through = self.board.prefetched_through
+            self.board.on_prefetched = frontend.wake_up
+        else:
+            prefix_cache.on_prefetched = self.prefetched
+
+    def prefetched(self, step: int) -> None:
+        """This worker's SSD reads of every plan up to `step` are done (reader or engine thread)."""
+        with self._prefetched_lock:  # two threads may call: the notice only ever moves forward
+            if step <= self._prefetched_step or self.reporter is None:
+                return
+            self._prefetched_step = step
+            self.reporter.notify({"notice": "prefetched", "step": step})
 
     def close(self) -> None:
         if self.reporter is not None:
