@@ -210,7 +210,10 @@ class ModelSet:
     def _make_room(self, lane: ModelLane) -> list[ModelLane]:
         """Memory pressure: the idle loaded models (least recently used first) to unload so
         `lane` fits on rank 0; the load itself checks again on every rank after they are gone."""
-        need, free = self._fit(lane)
+        try:
+            need, free = self._fit(lane)
+        except Exception:  # e.g. its directory is gone: the load reports it, on every rank alike
+            return []
         lane.need_bytes = need
         victims = []
         idle = [v for v in self.lanes if v.loaded and not v.pinned and not v.has_work()]
