@@ -175,6 +175,12 @@ class DecodeBatch(GenerationBatch):
 
         select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+        self._sample_next(logits, inputs)
+        return self._hand_out(inputs)
+
+    def _sample_next(self, logits: mx.array, inputs: mx.array) -> None:
+        """Sample every row's next token from the logits of the forward pass fed ``inputs``
+        (lazily: the device starts on it now)."""
         token_context = []
         if any(self.logits_processors):
             logits, token_context = self._process(logits, inputs)
@@ -207,6 +213,8 @@ class DecodeBatch(GenerationBatch):
         self._next_logprobs = list(logprobs) if wants else [None] * len(self.uids)
         mx.async_eval(self._next_tokens, rows.counter, [x for x in self._next_logprobs if x is not None], token_context)
 
+    def _hand_out(self, inputs: mx.array):
+        """The tokens this step fed (sampled by the step before), now on the host."""
         mx.eval(inputs, [x for x in self._current_logprobs if x is not None])
         inputs = inputs.tolist()
         for sti, ti in zip(self.tokens, inputs):
@@ -287,10 +295,14 @@ class PromptBatch(PromptProcessingBatch):
 class Batcher(BatchGenerator):
     """mlx-lm's continuous batcher with DecodeBatch as its generation batch."""
 
-    def __init__(self, model, live_kv=None, speculator=None, **kwargs):
+    def __init__(self, model, live_kv=None, speculator=None, microbatches: int = 1, **kwargs):
         super().__init__(model, **kwargs)
         self._generation_batch = DecodeBatch.adopt(self._generation_batch)
         self._generation_batch.speculator = speculator
+        if microbatches > 1:  # pipeline stages kept busy by micro-batches in flight (engine/microbatch.py)
+            from mlx_cluster.engine.microbatch import MicroBatches
+
+            self._generation_batch = MicroBatches(model, self.sampler, microbatches)
         self._prompt_batch.__class__ = PromptBatch
         self.live_kv = live_kv  # a kv_quant.LiveKV: sequences get quantized caches (engine/kv_quant.py)
         self._n_layers = len(make_prompt_cache(model))

@@ -111,6 +111,7 @@ def build_engine(ctx: RankContext, stream):
     cfg = ctx.config
     t0 = time.monotonic()
     path = resolve_model_path(cfg.model.path, cfg.model.builtin_dir)
+    from mlx_cluster.launcher.layout import microbatch_count
     from mlx_cluster.runtime.stages import load_rank_model
 
     # All tensor parallel (the loader as before) or this rank's pipeline stage.
@@ -143,6 +144,7 @@ def build_engine(ctx: RankContext, stream):
         stream=stream,
         live_kv=live_kv,
         speculator=speculator,
+        microbatches=microbatch_count(cfg, ctx.layout),
     )
     warmup(executor, token_id=0)
     executor.stats.__init__()
