@@ -265,11 +265,19 @@ class PromptBatch(PromptProcessingBatch):
 
     def prompt(self, tokens):
         select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])  # each row's LoRA adapter
-        if not (self.timed and self.on_prefill is not None and tokens):
-            return super().prompt(tokens)
-        started = time.perf_counter()
-        super().prompt(tokens)  # evaluates every chunk: the time is the device's
-        self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
+        model = self.model
+        # Pipeline stages kept busy: mlx-lm's prefill loop calls a stand-in (engine/microbatch.py).
+        from mlx_cluster.engine.microbatch import pipelined_prefill
+
+        self.model = pipelined_prefill(model) or model
+        try:
+            if not (self.timed and self.on_prefill is not None and tokens):
+                return super().prompt(tokens)
+            started = time.perf_counter()
+            super().prompt(tokens)  # evaluates every chunk: the time is the device's
+            self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
+        finally:
+            self.model = model
 
     def generate(self, tokens):
         # mlx-lm's generate(), except for the class of the batch it returns.

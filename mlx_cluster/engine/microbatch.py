@@ -92,8 +92,9 @@ class MicroBatches:
     def __init__(self, model, fallback_sampler, count: int):
         self.model = model
         self.edges = stage_edges(model)
-        if count != self.edges.pipeline:
-            raise ValueError(f"{count} micro-batches for {self.edges.pipeline} pipeline stages")
+        if self.edges is None or count != self.edges.pipeline:
+            raise ValueError(f"{count} micro-batches need a model cut into {count} pipeline stages")
+        self.edges.microbatches = count  # prefill chunks run as ticks too (PipelinedPrefill)
         self.lanes = [Lane.empty(model, fallback_sampler) for _ in range(count)]
         self.waiting: list[DecodeBatch] = []  # prefilled rows not in a lane yet
         self.tick = 0
@@ -167,7 +168,7 @@ class MicroBatches:
         self._admit(starting)
         starting.fed = starting._next_tokens if len(starting) else None
 
-        tick = Tick(rows=[len(lane) for lane in slots], hidden_in=mine.hidden)
+        tick = Tick(shapes=[(len(lane), 1) for lane in slots], hidden_in=mine.hidden)
         self.edges.tick = tick
         try:
             if len(mine):
@@ -182,3 +183,48 @@ class MicroBatches:
         if len(completing):
             completing.complete(logits[:, -1, :])
         return starting.next()  # mlx-lm's: hands out the tokens, checks stops, drops finished rows
+
+
+# Prefill pieces per stage and chunk: the fill and drain bubble is (P - 1) of the 4P + P - 1 ticks.
+PIECES_PER_STAGE = 4
+MIN_PIECE_TOKENS = 16  # shorter pieces make matmuls too small to be worth a tick
+
+
+class PipelinedPrefill:
+    """Stands in for the model in mlx-lm's prefill loop: a prompt chunk goes through the stages
+    as pieces in flight. Stage s runs piece k - s at tick k on its own layers' caches (a stage's
+    caches see the pieces in order, so attention is exactly the chunk's), and the pieces' hand-offs
+    travel one all_sum per tick (``Tick``). A chunk of n pieces takes n + P - 1 ticks of 1/n of a
+    stage's work, instead of P stages' work one after the other."""
+
+    def __init__(self, model, edges):
+        self.model, self.edges = model, edges
+
+    def __call__(self, tokens: mx.array, cache) -> None:
+        P, stage = self.edges.pipeline, self.edges.stage
+        rows, length = tokens.shape
+        size = max(MIN_PIECE_TOKENS, math.ceil(length / (PIECES_PER_STAGE * P)))
+        pieces = [tokens[:, i : i + size] for i in range(0, length, size)]
+
+        def shape(j: int, k: int) -> tuple[int, int]:  # stage j's output at tick k (the last stage's: unused)
+            return (rows, pieces[k - j].shape[1]) if j < P - 1 and 0 <= k - j < len(pieces) else (0, 0)
+
+        hidden = None  # this stage's next piece, as the previous stage sent it
+        for k in range(len(pieces) + P - 1):
+            tick = Tick(shapes=[shape(j, k) for j in range(P)], hidden_in=hidden)
+            self.edges.tick = tick
+            try:
+                if 0 <= k - stage < len(pieces):
+                    self.model(pieces[k - stage], cache=cache)
+                else:  # not this stage's turn: a stand-in row (uncomputed) keeps the tick's collective
+                    self.model(mx.zeros((1, 1), dtype=mx.uint32), cache=make_prompt_cache(self.model))
+            finally:
+                self.edges.tick = None
+            hidden = tick.slot(stage - 1) if stage > 0 else None
+            mx.eval([c.state for c in cache], *([tick.result] if tick.result is not None else []))
+
+
+def pipelined_prefill(model) -> PipelinedPrefill | None:
+    """The prefill stand-in when decode runs micro-batches (MicroBatches marks the edges), else None."""
+    edges = stage_edges(model)
+    return PipelinedPrefill(model, edges) if edges is not None and edges.microbatches > 1 else None

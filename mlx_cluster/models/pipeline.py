@@ -244,25 +244,31 @@ def _retarget_groups(layer: nn.Module, group) -> None:
 
 @dataclass
 class Tick:
-    """One decode tick of micro-batches in flight (engine/microbatch.py), as one rank sees it.
+    """One tick of micro-batches in flight (engine/microbatch.py), as one rank sees it.
 
-    Stage j runs the micro-batch in slot j. Every stage's output travels in one all_sum of a
-    buffer holding every slot's rows in slot order: each rank fills its own stage's slot and
-    zeros elsewhere, so the group issues one collective per tick, in one order. Afterwards slot
-    j (j < P - 1) is the input of stage j + 1 at the next tick, and slot P - 1 is the final
-    hidden state of the micro-batch that completes, whose logits every rank computes.
+    Stage j runs the micro-batch (decode) or prompt piece (prefill) in slot j. Every stage's
+    output travels in one all_sum of a flat buffer holding every slot in slot order: each rank
+    fills its own stage's slot and zeros elsewhere, so the group issues one collective per
+    tick, in one order. Afterwards slot j (j < P - 1) is the input of stage j + 1 at the next
+    tick; in decode, slot P - 1 is the final hidden state of the micro-batch that completes,
+    whose logits every rank computes (prefill leaves it empty: nothing is sampled).
     """
 
-    rows: list[int]  # rows of each slot, the same on every rank
-    hidden_in: mx.array | None  # stage > 0: this rank's micro-batch, as the previous stage sent it
+    shapes: list[tuple[int, int]]  # (rows, tokens) of each slot, the same on every rank; (0, 0): empty
+    hidden_in: mx.array | None  # stage > 0: this rank's input, as the previous stage sent it
+    hidden: int = 0  # the hidden size (set by the exchange)
     result: mx.array | None = None  # the summed buffer, set by the stage's last layer
 
+    def _size(self, j: int) -> int:
+        rows, tokens = self.shapes[j]
+        return rows * tokens * self.hidden
+
     def slot(self, j: int) -> mx.array | None:
-        """Rows of slot j of the summed buffer (None when the slot is empty)."""
-        if not self.rows[j]:
+        """Slot j of the summed buffer as (rows, tokens, hidden); None when empty."""
+        if self.result is None or not self._size(j):
             return None
-        start = sum(self.rows[:j])
-        return self.result[start : start + self.rows[j]]
+        start = sum(self._size(i) for i in range(j))
+        return self.result[start : start + self._size(j)].reshape(*self.shapes[j], self.hidden)
 
 
 @dataclass
@@ -276,6 +282,7 @@ class _Edges:
     ghost_reductions: list[int] = field(default_factory=list)  # per stage: all_sums of its layers (hybrid)
     dtype: object = None  # of every hand-off: the same on every rank, or the all_sums would not match
     tick: Tick | None = None  # set while a micro-batch tick runs the model (engine/microbatch.py)
+    microbatches: int = 1  # > 1: decode and prefill run as ticks (engine/microbatch.py)
 
     def _sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group)
@@ -314,24 +321,24 @@ class _Edges:
 
     def _exchange(self, h: mx.array) -> mx.array:
         """A tick's one all_sum; returns the completing micro-batch's final hidden state."""
-        tick, shape = self.tick, h.shape[1:]
+        tick = self.tick
+        tick.hidden = h.shape[-1]
         parts = [
             # An empty own slot (a stand-in row ran) contributes nothing.
-            h.astype(self.dtype) if j == self.stage else mx.zeros((n, *shape), dtype=self.dtype)
-            for j, n in enumerate(tick.rows)
-            if n
+            h.astype(self.dtype).reshape(-1) if j == self.stage else mx.zeros((tick._size(j),), dtype=self.dtype)
+            for j in range(self.pipeline)
+            if tick._size(j)
         ]
-        tick.result = self._sum(mx.concatenate(parts) if len(parts) > 1 else parts[0])
+        if parts:  # else no stage hands anything on (a prefill's last piece in the last stage)
+            tick.result = self._sum(mx.concatenate(parts) if len(parts) > 1 else parts[0])
         last = tick.slot(self.pipeline - 1)
-        return last if last is not None else mx.zeros((1, *shape), dtype=self.dtype)  # nothing completes
+        return last if last is not None else mx.zeros((1, 1, tick.hidden), dtype=self.dtype)  # nothing completes
 
 
-def stage_edges(model: nn.Module) -> _Edges:
-    """The stage edges ``wire_stage`` put on this rank's layers (to run micro-batch ticks)."""
-    edges = getattr(_layer_owner(model).layers[0], "_edges", None)
-    if edges is None:
-        raise ValueError("the model has no pipeline stage edges (not a pipelined layout)")
-    return edges
+def stage_edges(model: nn.Module) -> _Edges | None:
+    """The stage edges ``wire_stage`` put on this rank's layers; None if the model has none."""
+    layers = getattr(model, "layers", None)  # the stage's own layers (mlx-lm models expose them)
+    return getattr(layers[0], "_edges", None) if layers else None
 
 
 class _StageEdge:
