@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_cluster.engine.decode import Batcher
 from mlx_cluster.engine.executor import Executor
@@ -133,3 +134,21 @@ def test_a_split_batch_generates_what_the_whole_one_would(n):
     head, rest = split_batch(generation_batch(), n)
     assert len(head) == n and len(rest) == 4 - n
     assert {**generate(head), **generate(rest)} == whole
+
+
+def test_prefill_pieces_fill_stage_zero_caches_as_one_forward_pass_would():
+    from mlx_cluster.engine.microbatch import PipelinedPrefill
+    from mlx_cluster.models.pipeline import stage_edges
+
+    model = tiny_llama()
+    wire_stage(model, Layout(1, 2, ((0, 1), (1, 2))), rank=0, group=mx.distributed.init())
+    tokens = mx.array([[(r * 13 + i) % VOCAB for i in range(40)] for r in range(3)])
+    plain, pieces = make_prompt_cache(model), make_prompt_cache(model)
+    model(tokens, cache=plain)
+    edges = stage_edges(model)
+    PipelinedPrefill(model, edges)(tokens, cache=pieces)  # 3 pieces of 16, 16 and 8 tokens
+    assert edges.tick is None
+    for a, b in zip(plain, pieces):
+        assert a.offset == b.offset == 40
+        assert mx.allclose(a.keys[..., :40, :], b.keys[..., :40, :], atol=1e-5).item()
+        assert mx.allclose(a.values[..., :40, :], b.values[..., :40, :], atol=1e-5).item()

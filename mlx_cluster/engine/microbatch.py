@@ -16,7 +16,10 @@ order, so every rank holds the same lanes and knows every slot's size.
 A lane's forward pass now spans P ticks, so its ``next()`` (mlx-lm's, which checks stops and
 drops finished rows) runs when its tokens enter stage 0, and its sampling when it leaves the
 last stage. New rows (just prefilled, their first token sampled by a plain forward pass) wait
-and join lanes as those pass stage 0, keeping the lanes the same size within one row.
+and join lanes as those pass stage 0, up to an even share of the rows.
+
+Prefill keeps the stages busy the same way: ``PipelinedPrefill`` cuts a prompt chunk into
+pieces that follow each other through the stages, one all_sum per tick.
 """
 
 from __future__ import annotations
