@@ -338,7 +338,7 @@ class _Edges:
 def stage_edges(model: nn.Module) -> _Edges | None:
     """The stage edges ``wire_stage`` put on this rank's layers; None if the model has none."""
     layers = getattr(model, "layers", None)  # the stage's own layers (mlx-lm models expose them)
-    return getattr(layers[0], "_edges", None) if layers else None
+    return getattr(layers[0], "_edges", None) if isinstance(layers, list) and layers else None
 
 
 class _StageEdge:
