@@ -5,8 +5,9 @@
     NCCL_NVLS_ENABLE=0 python benchmarks/pipeline_compare.py --preset 8b --backend nccl --layouts T2 P2 T1 \
         --concurrency 1 8 32 --input-len 512 --output-len 128                           # 2 GPUs
 
-A layout is T<n> (n ranks, all tensor), P<n> (n pipeline stages), T<a>xP<b> (hybrid) or
-auto<n> (n ranks, parallel: auto). Layouts alternate (A, B, A, B, ...) for each concurrency so
+A layout is T<n> (n ranks, all tensor), P<n> (n pipeline stages), P<n>m<k> (n stages, k decode
+micro-batches: P2m1 is one forward pass at a time), T<a>xP<b> (hybrid) or auto<n> (n ranks,
+parallel: auto). Layouts alternate (A, B, A, B, ...) for each concurrency so
 drift on a shared machine hits all alike; prints medians and each layout's ratio to the first.
 """
 
@@ -36,9 +37,11 @@ def parse_layout(text: str) -> tuple[int, object]:
         return int(m[1]), None
     if m := re.fullmatch(r"P(\d+)", text):
         return int(m[1]), {"tensor": 1, "pipeline": int(m[1])}
+    if m := re.fullmatch(r"P(\d+)m(\d+)", text):  # explicit decode micro-batches (P2m1: one at a time)
+        return int(m[1]), {"tensor": 1, "pipeline": int(m[1]), "microbatches": int(m[2])}
     if m := re.fullmatch(r"auto(\d+)", text):
         return int(m[1]), "auto"
-    raise SystemExit(f"unknown layout {text!r}: use T2, P2, T2xP2 or auto2")
+    raise SystemExit(f"unknown layout {text!r}: use T2, P2, P2m1, T2xP2 or auto2")
 
 
 def main() -> None:

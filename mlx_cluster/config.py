@@ -33,6 +33,9 @@ class ParallelSection(_Strict):
 
     tensor: int | None = Field(None, ge=1, le=1024)
     pipeline: int | None = Field(None, ge=1, le=1024)
+    # Decode micro-batches in flight across the stages (engine/microbatch.py): 1 (one forward
+    # pass at a time) or the pipeline size; None: the pipeline size when tensor is 1, else 1.
+    microbatches: int | None = Field(None, ge=1, le=1024)
 
 
 class ClusterSection(_Strict):

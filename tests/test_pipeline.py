@@ -65,6 +65,7 @@ def test_auto_picks_three_stages_and_says_why(three):
     out = three.output()
     assert "layout: tensor=1 x pipeline=3 (layers per stage: 0-1, 2-2, 3-3)" in out
     assert "why: auto: link" in out and "us per all_sum" in out
+    assert "decode runs 3 micro-batches in flight across the 3 pipeline stages" in out
     # Each rank read only its own layers (plus embedding and head).
     for stage, layers in enumerate(("0-1", "2-2", "3-3")):
         assert f"stage {stage} of 3: layers {layers}" in out
@@ -97,6 +98,7 @@ def test_prefix_cache_hits_restore_each_stage_its_own_layers(one, three):
 
 def test_tensor_two_by_pipeline_two_is_token_identical_to_one(one, hybrid):
     assert "layout: tensor=2 x pipeline=2 (layers per stage: 0-1, 2-3)" in hybrid.output()
+    assert "micro-batches in flight" not in hybrid.output()  # hybrid stages run one forward pass at a time
     alone = [complete(one, p, temperature=0) for p in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda p: complete(hybrid, p, temperature=0), PROMPTS))

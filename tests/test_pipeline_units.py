@@ -136,3 +136,19 @@ def test_plan_command_prints_every_rank_without_starting_anything(tmp_path, tiny
         cwd=REPO,
     )
     assert tight.returncode == 2 and "hosts.0.memory_gb=64: its ranks need" in tight.stderr
+
+
+def test_microbatches_are_one_or_the_pipeline_size_on_a_pure_pipeline():
+    from mlx_cluster.launcher.layout import microbatch_count
+
+    four = "hosts=[{host: localhost, ranks: 4}]"
+    assert microbatch_count(cfg(four, "cluster.parallel={pipeline: 4}"), Layout(1, 4, ())) == 4
+    assert microbatch_count(cfg(four, "cluster.parallel={pipeline: 4, microbatches: 1}"), Layout(1, 4, ())) == 1
+    assert microbatch_count(cfg(four, "cluster.parallel={pipeline: 2}"), Layout(2, 2, ())) == 1  # hybrid
+    assert microbatch_count(cfg(four), Layout(4, 1, ())) == 1  # all tensor: as before
+    with pytest.raises(ConfigError, match=r"cluster.parallel.microbatches: 3 micro-batches for 4 pipeline stage"):
+        cfg(four, "cluster.parallel={pipeline: 4, microbatches: 3}")
+    with pytest.raises(ConfigError, match=r"cluster.parallel.microbatches: micro-batches need tensor: 1"):
+        cfg(four, "cluster.parallel={pipeline: 2, microbatches: 2}")
+    with pytest.raises(ConfigError, match=r"cluster.parallel.microbatches: speculative decoding"):
+        cfg(four, "cluster.parallel={pipeline: 4, microbatches: 4}", "speculative={method: ngram}")

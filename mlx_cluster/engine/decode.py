@@ -175,6 +175,12 @@ class DecodeBatch(GenerationBatch):
 
         select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])
         logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+        self._sample_next(logits, inputs)
+        return self._hand_out(inputs)
+
+    def _sample_next(self, logits: mx.array, inputs: mx.array) -> None:
+        """Sample every row's next token from the logits of the forward pass fed ``inputs``
+        (lazily: the device starts on it now)."""
         token_context = []
         if any(self.logits_processors):
             logits, token_context = self._process(logits, inputs)
@@ -207,6 +213,8 @@ class DecodeBatch(GenerationBatch):
         self._next_logprobs = list(logprobs) if wants else [None] * len(self.uids)
         mx.async_eval(self._next_tokens, rows.counter, [x for x in self._next_logprobs if x is not None], token_context)
 
+    def _hand_out(self, inputs: mx.array):
+        """The tokens this step fed (sampled by the step before), now on the host."""
         mx.eval(inputs, [x for x in self._current_logprobs if x is not None])
         inputs = inputs.tolist()
         for sti, ti in zip(self.tokens, inputs):
@@ -257,11 +265,19 @@ class PromptBatch(PromptProcessingBatch):
 
     def prompt(self, tokens):
         select_rows(self.model, [getattr(r, "adapter", 0) for r in self.samplers])  # each row's LoRA adapter
-        if not (self.timed and self.on_prefill is not None and tokens):
-            return super().prompt(tokens)
-        started = time.perf_counter()
-        super().prompt(tokens)  # evaluates every chunk: the time is the device's
-        self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
+        model = self.model
+        # Pipeline stages kept busy: mlx-lm's prefill loop calls a stand-in (engine/microbatch.py).
+        from mlx_cluster.engine.microbatch import pipelined_prefill
+
+        self.model = pipelined_prefill(model) or model
+        try:
+            if not (self.timed and self.on_prefill is not None and tokens):
+                return super().prompt(tokens)
+            started = time.perf_counter()
+            super().prompt(tokens)  # evaluates every chunk: the time is the device's
+            self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
+        finally:
+            self.model = model
 
     def generate(self, tokens):
         # mlx-lm's generate(), except for the class of the batch it returns.
@@ -287,10 +303,14 @@ class PromptBatch(PromptProcessingBatch):
 class Batcher(BatchGenerator):
     """mlx-lm's continuous batcher with DecodeBatch as its generation batch."""
 
-    def __init__(self, model, live_kv=None, speculator=None, **kwargs):
+    def __init__(self, model, live_kv=None, speculator=None, microbatches: int = 1, **kwargs):
         super().__init__(model, **kwargs)
         self._generation_batch = DecodeBatch.adopt(self._generation_batch)
         self._generation_batch.speculator = speculator
+        if microbatches > 1:  # pipeline stages kept busy by micro-batches in flight (engine/microbatch.py)
+            from mlx_cluster.engine.microbatch import MicroBatches
+
+            self._generation_batch = MicroBatches(model, self.sampler, microbatches)
         self._prompt_batch.__class__ = PromptBatch
         self.live_kv = live_kv  # a kv_quant.LiveKV: sequences get quantized caches (engine/kv_quant.py)
         self._n_layers = len(make_prompt_cache(model))

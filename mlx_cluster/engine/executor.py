@@ -61,6 +61,7 @@ class Executor:
         prefix_cache=None,
         live_kv=None,
         speculator=None,
+        microbatches: int = 1,
     ):
         self.vocab_size = vocab_size
         self.speculator = speculator  # engine/speculate.py, or None
@@ -68,6 +69,7 @@ class Executor:
             model,
             live_kv=live_kv,
             speculator=speculator,
+            microbatches=microbatches,
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(prefill_batch_size, max_batch_size),
             prefill_step_size=prefill_chunk,

@@ -88,6 +88,8 @@ def check_parallel_config(config) -> None:
     if with_memory and len(with_memory) != len(hosts):
         missing = next(i for i, h in enumerate(hosts) if h.memory_gb is None)
         raise LayoutError(f"hosts.{missing}.memory_gb: give memory_gb: for every host or for none")
+    if sizes is not None:
+        check_microbatches(config, *sizes)
     if sizes is not None and with_layers:
         tensor, pipeline = sizes
         holding = set(stage_hosts(config, tensor, pipeline))
@@ -97,6 +99,35 @@ def check_parallel_config(config) -> None:
                     f"hosts.{i}.layers: this host starts no pipeline stage (tensor={tensor}, "
                     f"pipeline={pipeline}); remove layers: from its entry"
                 )
+
+
+def check_microbatches(config, tensor: int, pipeline: int) -> None:
+    """cluster.parallel.microbatches fits the layout (engine/microbatch.py); raises LayoutError."""
+    parallel = config.cluster.parallel
+    m = getattr(parallel, "microbatches", None)
+    if m is None or m == 1:
+        return
+    key = "cluster.parallel.microbatches"
+    if m != pipeline:
+        raise LayoutError(f"{key}: {m} micro-batches for {pipeline} pipeline stage(s); use 1 or {pipeline}")
+    if tensor > 1:
+        raise LayoutError(
+            f"{key}: micro-batches need tensor: 1 (hybrid stages reduce over the whole group); "
+            "set microbatches: 1 or tensor: 1"
+        )
+    if config.speculative is not None:
+        raise LayoutError(f"{key}: speculative decoding runs one forward pass at a time; set microbatches: 1")
+
+
+def microbatch_count(config, layout) -> int:
+    """Decode micro-batches for this layout: the explicit value, else P for a pure pipeline
+    without speculative decoding, else 1 (plain forward passes, as before)."""
+    check_microbatches(config, layout.tensor, layout.pipeline)
+    m = getattr(config.cluster.parallel, "microbatches", None)
+    if m is not None:
+        return m
+    plain = layout.tensor > 1 or config.speculative is not None
+    return 1 if plain or not layout.is_pipelined else layout.pipeline
 
 
 # ---------------------------------------------------------------------------

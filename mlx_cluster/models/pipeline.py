@@ -30,8 +30,10 @@ reductions, issued in the same order). This is supported for layers whose only r
 are sharded-to-all linears producing the hidden size (dense llama-style layers); others are
 refused with a message.
 
-The stages run one after the other inside each forward pass: there are no micro-batches in
-flight across stages (see docs/architecture.md for why and what it costs).
+A plain forward pass runs the stages one after the other (prefill, and decode with
+``cluster.parallel.microbatches: 1``). Decode keeps every stage busy instead with micro-batches
+in flight (engine/microbatch.py): during one *tick* each stage runs a different micro-batch and
+all the tick's hand-offs travel in one all_sum (``Tick``), see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -241,6 +243,35 @@ def _retarget_groups(layer: nn.Module, group) -> None:
 
 
 @dataclass
+class Tick:
+    """One tick of micro-batches in flight (engine/microbatch.py), as one rank sees it.
+
+    Stage j runs the micro-batch (decode) or prompt piece (prefill) in slot j. Every stage's
+    output travels in one all_sum of a flat buffer holding every slot in slot order: each rank
+    fills its own stage's slot and zeros elsewhere, so the group issues one collective per
+    tick, in one order. Afterwards slot j (j < P - 1) is the input of stage j + 1 at the next
+    tick; in decode, slot P - 1 is the final hidden state of the micro-batch that completes,
+    whose logits every rank computes (prefill leaves it empty: nothing is sampled).
+    """
+
+    shapes: list[tuple[int, int]]  # (rows, tokens) of each slot, the same on every rank; (0, 0): empty
+    hidden_in: mx.array | None  # stage > 0: this rank's input, as the previous stage sent it
+    hidden: int = 0  # the hidden size (set by the exchange)
+    result: mx.array | None = None  # the summed buffer, set by the stage's last layer
+
+    def _size(self, j: int) -> int:
+        rows, tokens = self.shapes[j]
+        return rows * tokens * self.hidden
+
+    def slot(self, j: int) -> mx.array | None:
+        """Slot j of the summed buffer as (rows, tokens, hidden); None when empty."""
+        if self.result is None or not self._size(j):
+            return None
+        start = sum(self._size(i) for i in range(j))
+        return self.result[start : start + self._size(j)].reshape(*self.shapes[j], self.hidden)
+
+
+@dataclass
 class _Edges:
     """The collective schedule of one forward pass, as seen from one rank (see module docstring)."""
 
@@ -250,6 +281,8 @@ class _Edges:
     sender: bool  # tensor rank 0 of its stage: contributes the stage's hidden state
     ghost_reductions: list[int] = field(default_factory=list)  # per stage: all_sums of its layers (hybrid)
     dtype: object = None  # of every hand-off: the same on every rank, or the all_sums would not match
+    tick: Tick | None = None  # set while a micro-batch tick runs the model (engine/microbatch.py)
+    microbatches: int = 1  # > 1: decode and prefill run as ticks (engine/microbatch.py)
 
     def _sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group)
@@ -269,6 +302,8 @@ class _Edges:
 
     def before(self, x: mx.array) -> mx.array:
         """Run the earlier stages' collectives; returns the hidden state the previous stage sent."""
+        if self.tick is not None:  # it came in the previous tick's all_sum
+            return self.tick.hidden_in if self.stage > 0 and self.tick.hidden_in is not None else x
         for k in range(self.stage):
             x = self._ghosts(k, x)
             x = self._boundary(k, x, mine=False)
@@ -276,11 +311,34 @@ class _Edges:
 
     def after(self, h: mx.array) -> mx.array:
         """Send this stage's output, run the later stages' collectives; returns the final hidden state."""
+        if self.tick is not None:
+            return self._exchange(h)
         h = self._boundary(self.stage, h, mine=True)
         for k in range(self.stage + 1, self.pipeline):
             h = self._ghosts(k, h)
             h = self._boundary(k, h, mine=False)
         return h
+
+    def _exchange(self, h: mx.array) -> mx.array:
+        """A tick's one all_sum; returns the completing micro-batch's final hidden state."""
+        tick = self.tick
+        tick.hidden = h.shape[-1]
+        parts = [
+            # An empty own slot (a stand-in row ran) contributes nothing.
+            h.astype(self.dtype).reshape(-1) if j == self.stage else mx.zeros((tick._size(j),), dtype=self.dtype)
+            for j in range(self.pipeline)
+            if tick._size(j)
+        ]
+        if parts:  # else no stage hands anything on (a prefill's last piece in the last stage)
+            tick.result = self._sum(mx.concatenate(parts) if len(parts) > 1 else parts[0])
+        last = tick.slot(self.pipeline - 1)
+        return last if last is not None else mx.zeros((1, 1, tick.hidden), dtype=self.dtype)  # nothing completes
+
+
+def stage_edges(model: nn.Module) -> _Edges | None:
+    """The stage edges ``wire_stage`` put on this rank's layers; None if the model has none."""
+    layers = getattr(model, "layers", None)  # the stage's own layers (mlx-lm models expose them)
+    return getattr(layers[0], "_edges", None) if isinstance(layers, list) and layers else None
 
 
 class _StageEdge:

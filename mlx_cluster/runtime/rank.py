@@ -219,6 +219,7 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
     from mlx_cluster.engine.speculate import make_speculator
+    from mlx_cluster.launcher.layout import microbatch_count
 
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
     constrain.install(loaded.tokenizer, vocab_size)  # every rank builds grammar matchers from this
@@ -236,6 +237,7 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
         stream=stream,
         live_kv=live_kv,
         speculator=speculator,
+        microbatches=microbatch_count(cfg, ctx.layout),
     )
     prefill_timing = warmup(executor, token_id=0)
     executor.stats.__init__()
