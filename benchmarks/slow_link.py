@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from compare import bench, summary_row  # noqa: E402
+from compare import bench, preset_model, summary_row  # noqa: E402
 from pipeline_compare import parse_layout  # noqa: E402
 
 from tests.cluster import Cluster  # noqa: E402
@@ -100,13 +99,7 @@ def main() -> None:
             raise SystemExit(f"{layout}: this benchmark has two hosts, use a 2-rank layout (T2, P2, auto2)")
 
     workdir = Path(tempfile.mkdtemp(prefix="mlxc-slowlink-"))
-    model = args.model or str(workdir / args.preset)
-    if args.model is None:
-        subprocess.run(
-            [sys.executable, "-m", "mlx_cluster", "make-model", model, "--preset", args.preset],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    model = preset_model(args, workdir)
     results: dict = {
         "preset": args.preset,
         "concurrency": args.concurrency,
