@@ -14,10 +14,11 @@ a userspace process in namespace m that forwards every frame between sla and slb
 later (each direction, so a round trip gains 2 x delay_ms). `measure_rtt` times a TCP ping-pong
 across the link, so what was actually added is measured, not assumed.
 
-Limits against netem: the delay line adds its own forwarding cost (about 0.05 ms each way on
-an idle machine) and any scheduling delay of its process (a loaded machine only adds, never
-removes, delay); it has no jitter, loss or reordering model; frames are held in userspace, so
-its queue is unbounded (tbf, before it, bounds the rate).
+Limits against netem: the delay line adds its own forwarding cost (about 0.05-0.1 ms each way)
+and any scheduling delay of its process (it asks for SCHED_FIFO so a loaded machine does not
+make it late; a late wake-up only adds delay, never removes it); it has no jitter, loss or
+reordering model; frames are held in userspace, so its queue is unbounded (tbf, before it,
+bounds the rate).
 """
 
 from __future__ import annotations
