@@ -1,6 +1,7 @@
 """Tensor vs pipeline vs `auto` over a slow link (0.3 ms each way, 1 Gbit/s), and `auto` on loopback.
 
-    sudo python3 benchmarks/slow_link.py --preset small --out benchmarks/results/slow-link-small.json
+    sudo python3 benchmarks/slow_link.py --delay-ms 0.3 --repeats 3 --out benchmarks/results/slow-link-tiny-0.3ms.json
+    sudo python3 benchmarks/slow_link.py --preset small --input-len 128    # a machine with fast matmuls
 
 One command, root needed (namespaces): builds two SSH "hosts" in network namespaces joined by a
 veth link with a tbf rate limit and a userspace delay line (tests/slow_link.py says how and why:
@@ -34,7 +35,7 @@ from tests.cluster import Cluster  # noqa: E402
 from tests.slow_link import measure_rtt, slow_link_hosts, two_host_cluster  # noqa: E402
 
 KEYS = ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms")
-# A prefill step of 8 x 128 tokens takes over 10 s (tests/cluster.py's setting) on a slow CPU,
+# A prefill step of 8 prompts can take over 10 s (tests/cluster.py's watchdog) on a slow CPU,
 # more in a pipeline, which does not split the compute: a longer watchdog, not a false stall.
 STEP_TIMEOUT_S = 300
 
