@@ -10,7 +10,7 @@ each layout of --layouts over that link and, afterwards, each of --loopback-layo
 127.0.0.1, and loads each with `mlx-cluster bench` at the same concurrency. Layouts alternate
 (T2, P2, auto2, T2, ...) so drift on a shared machine hits all alike. Prints and writes JSON:
 every run, medians, each layout's throughput ratio to the first, and what `auto` chose and why.
-Everything built is removed at the end, also on Ctrl-C or failure.
+Everything built is removed at the end, also on Ctrl-C, SIGTERM or failure.
 
 A layout is T2 (two ranks, all tensor), P2 (two pipeline stages) or auto2 (parallel: auto).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -94,6 +95,9 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    # SIGTERM (and SIGINT, which a background job ignores) unwind through the `with` blocks,
+    # which stop the clusters and remove the namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.num_requests = args.num_requests or 2 * args.concurrency
     for layout in args.layouts + args.loopback_layouts:
         if parse_layout(layout)[0] != 2:
