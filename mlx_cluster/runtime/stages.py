@@ -36,6 +36,7 @@ from mlx_cluster.models.pipeline import (
 log = logging.getLogger(__name__)
 
 PROBE_REPEATS = 5
+PROBE_NAP_S = 1e-3
 PROBE_BIG_VALUES = 1 << 20  # 4 MB of float32: long enough that bandwidth shows
 # 4 KB of float32, the size of a decode step's hidden state (a few sequences): latency. Not one
 # value: the ring backend's all_sum of a single value takes a slow path (8 ms against 0.3 ms for
@@ -45,10 +46,15 @@ PROBE_SMALL_VALUES = 1024
 
 def _fastest_s(fn, repeats: int = PROBE_REPEATS) -> float:
     """The fastest of a few timed runs: interference (other threads, other processes on the
-    machine) only ever adds time, so the fastest run is the closest to the link's own cost."""
+    machine) only ever adds time, so the fastest run is the closest to the link's own cost.
+    Each run starts after a short sleep: on a busy machine a process that wakes from sleep is
+    scheduled promptly, so both ranks are more likely on a core at once (measured on 2 loaded
+    cores: the fastest of 10 back-to-back 4 KB all_sums on 127.0.0.1 took 7.7 ms, of 30 after
+    a 1 ms nap 0.25 ms)."""
     fn()  # warm: first-call allocation and connection costs
     best = float("inf")
     for _ in range(repeats):
+        time.sleep(PROBE_NAP_S)
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
@@ -68,7 +74,7 @@ def measure_link(group) -> LinkCost:
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
-        alpha = _fastest_s(lambda: mx.eval(mx.distributed.all_sum(small, group=group)), 2 * PROBE_REPEATS)
+        alpha = _fastest_s(lambda: mx.eval(mx.distributed.all_sum(small, group=group)), 6 * PROBE_REPEATS)
         big_s = _fastest_s(lambda: mx.eval(mx.distributed.all_sum(big, group=group)))
         matmul_s = _fastest_s(lambda: mx.eval(x @ weights))
     finally:
