@@ -3,10 +3,11 @@ unshaped link, pipeline stages over a slow one, and the pipeline serves the same
 
 The slow link is tests/slow_link.py's: a 1 Gbit/s tbf plus a userspace delay line (this kernel
 has no netem). The delay is 25 ms each way, not the issue's 0.3 ms: with this machine's CPU
-matmuls (reference BLAS, ~0.15 GB/s of weights), one decode step of builtin:tiny costs ~100 ms
-of compute, so tensor parallelism's 8 all_sums per step only lose to a pipeline's 2 once an
-all_sum costs more than ~1/12 of that (launcher/layout.py's model: 6 alpha > C / 2). At 0.3 ms
-tensor parallelism is faster here, and `auto` says so (docs/benchmarks.md, "Slow link").
+matmuls (reference BLAS, 0.15-0.7 GB/s of weights), one decode step of builtin:tiny costs
+25-130 ms of compute, so tensor parallelism's 8 all_sums per step only lose to a pipeline's 2
+once an all_sum costs more than 1/12 of that (launcher/layout.py's model: 6 alpha > C / 2).
+An all_sum over the 0.3 ms link costs ~1 ms, so there `auto` picks tensor, as it should here
+(docs/benchmarks.md, "Slow link"); at 25 ms it costs ~52 ms.
 """
 
 from __future__ import annotations
