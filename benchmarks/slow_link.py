@@ -10,7 +10,8 @@ each layout of --layouts over that link and, afterwards, each of --loopback-layo
 127.0.0.1, and loads each with `mlx-cluster bench` at the same concurrency. Layouts alternate
 (T2, P2, auto2, T2, ...) so drift on a shared machine hits all alike. Prints and writes JSON:
 every run, medians, each layout's throughput ratio to the first, and what `auto` chose and why.
-Everything built is removed at the end, also on Ctrl-C, SIGTERM or failure.
+Everything built is removed at the end (--keep keeps the temp dir with the clusters' logs), also
+on Ctrl-C, SIGTERM or failure.
 
 A layout is T2 (two ranks, all tensor), P2 (two pipeline stages) or auto2 (parallel: auto).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -94,6 +96,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--out", default=None)
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (model, cluster logs)")
     args = p.parse_args()
     # SIGTERM (and SIGINT, which a background job ignores) unwind through the `with` blocks,
     # which stop the clusters and remove the namespaces.
@@ -104,42 +107,46 @@ def main() -> None:
             raise SystemExit(f"{layout}: this benchmark has two hosts, use a 2-rank layout (T2, P2, auto2)")
 
     workdir = Path(tempfile.mkdtemp(prefix="mlxc-slowlink-"))
-    model = preset_model(args, workdir)
-    results: dict = {
-        "preset": args.preset,
-        "concurrency": args.concurrency,
-        "link": {"delay_ms_each_way": args.delay_ms, "rate": args.rate},
-        "runs": [],
-    }
-    n = 0
-    with slow_link_hosts(args.delay_ms, args.rate) as link:
-        results["link"]["bridge_unshaped"] = measure_rtt(link.hosts, link.hosts.ips)
-        results["link"]["slow_link"] = measure_rtt(link.hosts, link.link_ips)
-        print(json.dumps(results["link"]), flush=True)
+    try:
+        model = preset_model(args, workdir)
+        results: dict = {
+            "preset": args.preset,
+            "concurrency": args.concurrency,
+            "link": {"delay_ms_each_way": args.delay_ms, "rate": args.rate},
+            "runs": [],
+        }
+        n = 0
+        with slow_link_hosts(args.delay_ms, args.rate) as link:
+            results["link"]["bridge_unshaped"] = measure_rtt(link.hosts, link.hosts.ips)
+            results["link"]["slow_link"] = measure_rtt(link.hosts, link.link_ips)
+            print(json.dumps(results["link"]), flush=True)
+            for repeat in range(args.repeats):
+                for layout in args.layouts:
+                    n += 1
+                    cluster = two_host_cluster(
+                        workdir / f"run{n}",
+                        link,
+                        link.link_ips,
+                        parse_layout(layout)[1],
+                        model={"path": model},
+                        scheduler={"max_batch_size": args.max_batch},
+                        supervisor={"collective_timeout_s": STEP_TIMEOUT_S},
+                    )
+                    row = {"where": "slow link", "layout": layout, "repeat": repeat}
+                    row.update(run_one(cluster, model, args.concurrency, args))
+                    results["runs"].append(row)
+                    print(json.dumps(row), flush=True)
         for repeat in range(args.repeats):
-            for layout in args.layouts:
+            for layout in args.loopback_layouts:
                 n += 1
-                cluster = two_host_cluster(
-                    workdir / f"run{n}",
-                    link,
-                    link.link_ips,
-                    parse_layout(layout)[1],
-                    model={"path": model},
-                    scheduler={"max_batch_size": args.max_batch},
-                    supervisor={"collective_timeout_s": STEP_TIMEOUT_S},
-                )
-                row = {"where": "slow link", "layout": layout, "repeat": repeat}
+                cluster = loopback_cluster(workdir / f"run{n}", model, parse_layout(layout)[1], args.max_batch)
+                row = {"where": "loopback", "layout": layout, "repeat": repeat}
                 row.update(run_one(cluster, model, args.concurrency, args))
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
-    for repeat in range(args.repeats):
-        for layout in args.loopback_layouts:
-            n += 1
-            cluster = loopback_cluster(workdir / f"run{n}", model, parse_layout(layout)[1], args.max_batch)
-            row = {"where": "loopback", "layout": layout, "repeat": repeat}
-            row.update(run_one(cluster, model, args.concurrency, args))
-            results["runs"].append(row)
-            print(json.dumps(row), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)  # the model copy and the clusters' logs
     results["medians"] = {
         where: medians([r for r in results["runs"] if r["where"] == where], layouts)
         for where, layouts in (("slow link", args.layouts), ("loopback", args.loopback_layouts))
