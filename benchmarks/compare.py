@@ -106,6 +106,19 @@ def bench_ours(model: str, ranks: int, workdir: Path, concurrency: int, args, pa
         stop(proc)
 
 
+def preset_model(args, workdir: Path) -> str:
+    """args.model, or a fresh copy of the built-in preset args.preset made under workdir."""
+    if args.model is not None:
+        return args.model
+    model = str(workdir / args.preset)
+    subprocess.run(
+        [sys.executable, "-m", "mlx_cluster", "make-model", model, "--preset", args.preset],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return model
+
+
 def summary_row(r: dict) -> dict:
     """The numbers the side-by-side scripts keep of one load-generator result."""
     return {

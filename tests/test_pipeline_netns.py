@@ -2,8 +2,8 @@
 are shaped to 1 Gbit/s with tc: the group serves the same tokens as one rank, and `auto`
 measures that link at start-up and says what it chose and why.
 
-(This kernel has no netem qdisc, so the link gets a rate limit (tbf) but no added delay; see
-docs/benchmarks.md for the slow-link numbers the lead measures elsewhere.)
+(A rate limit only: tests/test_slow_link.py adds delay too, with a userspace delay line, since
+this kernel has no netem qdisc.)
 """
 
 from __future__ import annotations

@@ -110,6 +110,22 @@ def test_auto_picks_tensor_on_a_fast_link_and_pipeline_on_a_slow_one():
     assert (three.tensor, three.pipeline) == (1, 3)
 
 
+def test_auto_on_a_slow_cpu_weighs_the_link_against_compute():
+    """Numbers measured on the 2-core CI machine (benchmarks/slow_link.py): matmuls stream
+    ~0.15 GB/s of weights, so one tiny decode step is ~100 ms of compute. A 0.3 ms link (1 ms
+    per all_sum) costs TP=2 8 ms a step, far less than the 50 ms it saves: tensor. At 25 ms each
+    way (50 ms per all_sum) the 8 all_sums cost more than the saving: pipeline."""
+    config = cfg("hosts=[{host: localhost, ranks: 2}]", "cluster.parallel=auto")
+
+    def pick(alpha_s: float) -> tuple[int, int]:
+        layout = choose_auto(config, TINY, 2, LinkCost(alpha_s, bandwidth_Bps=0.1e9, weight_rate_Bps=0.15e9))
+        return layout.tensor, layout.pipeline
+
+    assert pick(0.3e-3) == (2, 1)  # loopback
+    assert pick(1e-3) == (2, 1)  # 0.3 ms each way
+    assert pick(50e-3) == (1, 2)  # 25 ms each way
+
+
 def test_plan_command_prints_every_rank_without_starting_anything(tmp_path, tiny_model_path):
     path = tmp_path / "cluster.yaml"
     path.write_text(

@@ -9,7 +9,7 @@ sharded over its stage's tensor ranks, and wires the stage edges (models/pipelin
 from __future__ import annotations
 
 import logging
-import statistics
+import sys
 import time
 
 import mlx.core as mx
@@ -36,29 +36,49 @@ from mlx_cluster.models.pipeline import (
 log = logging.getLogger(__name__)
 
 PROBE_REPEATS = 5
+PROBE_NAP_S = 1e-3
 PROBE_BIG_VALUES = 1 << 20  # 4 MB of float32: long enough that bandwidth shows
+# 4 KB of float32, the size of a decode step's hidden state (a few sequences): latency. Not one
+# value: the ring backend's all_sum of a single value takes a slow path (8 ms against 0.3 ms for
+# 2 to 2048 values, measured on 127.0.0.1), which made `auto` see a slow link on loopback.
+PROBE_SMALL_VALUES = 1024
 
 
-def _median_s(fn, repeats: int = PROBE_REPEATS) -> float:
+def _fastest_s(fn, repeats: int = PROBE_REPEATS) -> float:
+    """The fastest of a few timed runs: interference (other threads, other processes on the
+    machine) only ever adds time, so the fastest run is the closest to the link's own cost.
+    Each run starts after a short sleep: on a busy machine a process that wakes from sleep is
+    scheduled promptly, so both ranks are more likely on a core at once (measured on 2 loaded
+    cores: the fastest of 10 back-to-back 4 KB all_sums on 127.0.0.1 took 7.7 ms, of 30 after
+    a 1 ms nap 0.25 ms)."""
     fn()  # warm: first-call allocation and connection costs
-    times = []
+    best = float("inf")
     for _ in range(repeats):
+        time.sleep(PROBE_NAP_S)
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def measure_link(group) -> LinkCost:
-    """A few timed all_sums (small: latency, 4 MB: bandwidth) and a matmul (weight streaming rate),
+    """A few timed all_sums (4 KB: latency, 4 MB: bandwidth) and a matmul (weight streaming rate),
     averaged over the ranks with one more all_sum so every rank decides alike."""
-    small = mx.zeros((1,))
+    small = mx.zeros((PROBE_SMALL_VALUES,))
     big = mx.zeros((PROBE_BIG_VALUES,))
     weights, x = mx.ones((2048, 2048)), mx.ones((DECODE_ROWS, 2048))
     mx.eval(small, big, weights, x)
-    alpha = _median_s(lambda: mx.eval(mx.distributed.all_sum(small, group=group)))
-    big_s = _median_s(lambda: mx.eval(mx.distributed.all_sum(big, group=group)))
-    matmul_s = _median_s(lambda: mx.eval(x @ weights))
+    # Rank 0 starts its HTTP server on the main thread meanwhile (imports: the GIL held for
+    # seconds), and a thread whose all_sum has finished waits for the GIL: with the default 5 ms
+    # switch interval a 1 ms link measured 48 ms per all_sum. A short interval for the probe only.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        alpha = _fastest_s(lambda: mx.eval(mx.distributed.all_sum(small, group=group)), 6 * PROBE_REPEATS)
+        big_s = _fastest_s(lambda: mx.eval(mx.distributed.all_sum(big, group=group)))
+        matmul_s = _fastest_s(lambda: mx.eval(x @ weights))
+    finally:
+        sys.setswitchinterval(switch_interval)
     mine = mx.array([alpha, big_s, matmul_s], dtype=mx.float32)
     alpha, big_s, matmul_s = (mx.distributed.all_sum(mine, group=group) / group.size()).tolist()
     return LinkCost(
