@@ -254,3 +254,16 @@ def test_real_cache_counts_ssd_blocks_as_restorable_only_once_every_rank_has_rea
     assert cache.plan_sequence(seq, ids, everywhere=False).restore_blocks == ()
     assert cache.plan_sequence(seq, ids).restore_blocks == tuple(ids[:6])
     cache.close()
+
+
+def test_warmup_times_a_whole_prefill_for_the_cost_model(loaded):
+    """The start-up warm-up measures prefill speed; the throwaway sequences leave nothing behind."""
+    from mlx_cluster.engine.executor import warmup
+
+    ex = make_executor(loaded, None)
+    tokens, seconds = warmup(ex, token_id=0, prefill_tokens=64)
+    assert tokens >= 64 and seconds > 0
+    assert not ex.active and ex.digest == 0
+    cost = CostModel(block_size=16)
+    cost.observe_prefill(tokens, seconds)
+    assert cost.prefill_block_s() == pytest.approx(16 * seconds / tokens)

@@ -70,6 +70,10 @@ def test_cold_ram_and_ssd_hits_match_on_two_ranks(tmp_path, models_dir, tiny_mod
     assert all(list(d.glob("*.safetensors")) for d in rank_dirs)
 
     with Cluster(tmp_path / "b", ranks=2, models_dir=models_dir, config=cfg) as cluster:
+        # Before any request, the cost model knows this machine's prefill speed (timed at start):
+        # a restarted server whose every prompt hits the SSD tier never prefills a whole block.
+        cost = httpx.get(cluster.url + "/admin/cache", timeout=10).json()["cost"]
+        assert cost["prefill_samples"] >= 1 and cost["prefill_s_per_token"] > 0
         from_ssd, usage = ask(cluster, "What is a cluster?")
         assert from_ssd == cold
         assert usage["prompt_tokens_details"]["cached_tokens"] > 0
