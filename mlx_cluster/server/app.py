@@ -219,8 +219,10 @@ def create_app(state: ServerState) -> FastAPI:
         """Every generation route's front door: bounded body, validated, this model, serving."""
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(model_cls, data)
-        resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
+        # Serving first: while a restarted group loads, its adapters are not registered yet, and
+        # a request naming one must hear "loading, retry" (503), not "no such model" (404).
         check_serving(state)
+        resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
         return req
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
