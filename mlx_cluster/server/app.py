@@ -232,13 +232,13 @@ def create_app(state: ServerState) -> FastAPI:
         """Every generation route's front door: bounded body, validated, this model, serving."""
         data = await read_json(request, state.config.server.max_request_bytes)
         req = parse_request(model_cls, data)
-        if state.models is not None:  # several models: the request runs with its model's view
-            view = model_view(state, req.model)
-        else:
-            resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
-            view = state
+        # Serving first: while a restarted group loads, its adapters are not registered yet, and
+        # a request naming one must hear "loading, retry" (503), not "no such model" (404).
         check_serving(state)
-        return req, view
+        if state.models is not None:  # several models: the request runs with its model's view
+            return req, model_view(state, req.model)
+        resolve_model(state, req.model)  # the base model or a loaded LoRA adapter
+        return req, state
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):

@@ -194,7 +194,9 @@ class RequestStream:
                 continue
             if isinstance(event, ErrorEvent):
                 self.finished = True
-                raise APIError(event.status, event.message, code=event.code)
+                # A 503 (the group failed or is stopping) is retryable: say when, as every other 503 does.
+                retry = {"Retry-After": "5"} if event.status == 503 else None
+                raise APIError(event.status, event.message, code=event.code, headers=retry)
             if isinstance(event, DoneEvent):
                 self.done = event
                 self.finished = True
