@@ -165,12 +165,20 @@ class Cluster:
                 env=self.env,
                 cwd=REPO,
             )
-            if wait:
-                self.wait_ready(timeout_s)
         except BaseException:
             self.stop(timeout_s=10)
             raise
+        if wait:
+            self.ready_or_stop(timeout_s)
         return self
+
+    def ready_or_stop(self, timeout_s: float = 180) -> None:
+        """wait_ready, and if that fails, stop everything started before the error propagates."""
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop(timeout_s=10)
+            raise
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         """Wait for /readyz 200; on failure the caller still owns the cluster (stop() it in a finally)."""

@@ -303,9 +303,12 @@ def test_readyz_reports_a_wedged_engine_and_recovers(tmp_path, models_dir):
 def test_a_start_that_times_out_leaks_nothing(tmp_path, models_dir):
     # The test helper itself: a cluster that is not ready in time is stopped before the error
     # propagates, so a failing test never leaves ranks behind.
-    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir)
+    # The ranks are started (their pids known) before the short wait begins: on a loaded machine
+    # the launcher alone can take over 3 s to spawn them, and then nothing could have leaked.
+    cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir).start(wait=False)
+    cluster.wait_for(lambda: len(cluster.rank_pids()) == 2, 60, "the launcher to start both ranks")
     with pytest.raises(TimeoutError):
-        cluster.start(timeout_s=3)
+        cluster.ready_or_stop(timeout_s=0.3)  # ranks still loading and warming up: not ready yet
     assert cluster.proc.poll() is not None, "the launcher outlived the failed start"
     pids = cluster.rank_pids()  # from the state file the launcher wrote when it started them
     assert len(pids) == 2 and not survivors(pids, 1), "ranks outlived the failed start"
