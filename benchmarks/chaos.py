@@ -25,11 +25,24 @@ Faults: sigkill (any rank, rank 0 included), sigstop (SIGSTOP, then SIGCONT afte
 collective_timeout_s), launcher (SIGKILL `mlx-cluster up`; the harness checks the ranks follow
 it, then starts it again), ssd_corrupt (random bytes over / truncation of SSD-tier files),
 disk_full (the SSD dir is a small tmpfs; a filler file takes all its space for a while),
-slow_link (a tbf qdisc on the private loopback: 256 kbit/s for a few seconds). As root the
-harness re-runs itself in private network and mount namespaces (unshare), so the tmpfs and the
-qdisc touch nobody else. Not available on this kernel, so not exercised: tc netem (added
-latency, loss), tc classifiers/actions (per-port drops) and iptables (not installed), hence no
-partition between two specific ranks.
+slow_link (a tbf qdisc on the private loopback: 256 kbit/s for a few seconds), partition
+(`--kinds partition`: one rank on each of two SSH hosts in network namespaces, tests/netns.py's,
+built inside the harness's private network namespace; host b's veth on the bridge is set down
+for 0.5-2x collective_timeout_s, then up). As root the harness re-runs itself in private
+network and mount namespaces (unshare), so the tmpfs, the qdisc and the namespaced hosts touch
+nobody else. Not available on this kernel, so not exercised: tc netem (added latency, loss),
+tc classifiers/actions (per-port drops) and iptables (not installed).
+
+Layouts: `--pipeline 2` (cluster.parallel {tensor: 1, pipeline: 2}, micro-batches in flight by
+default; no adapter or speculation, which that layout refuses or runs one pass at a time);
+`--models 2` (`models:` builtin:tiny and "tiny2", builtin:tiny with its embedding rows rolled,
+so a reply from the wrong model is a wrong token; requests alternate; tiny2 unloads after
+`--idle-unload-s`; each model's reference is its own single-model TP=1 cluster);
+`--target-ranks 1` (sigkill/sigstop hit only those ranks, e.g. the last stage).
+
+    python benchmarks/chaos.py --seed 12 --faults 5 --requests 40 --duration-s 200 --pipeline 2 --kinds sigkill,sigstop --target-ranks 1
+    python benchmarks/chaos.py --seed 21 --faults 5 --requests 40 --duration-s 200 --models 2 --idle-unload-s 4
+    python benchmarks/chaos.py --seed 31 --faults 4 --requests 36 --duration-s 200 --kinds partition
 """
 
 from __future__ import annotations
@@ -1122,10 +1135,11 @@ def _restarts(cluster: Cluster) -> int:
 
 
 def _model_loads(cluster: Cluster) -> dict:
-    """How often each model was loaded and unloaded (rank 0's log, across restarts)."""
-    out = "".join(p.read_text(errors="replace") for p in (cluster.workdir / "runs" / cluster.name).glob("rank0.log*"))
+    """How often each model was loaded and unloaded: rank 0's lines in the launchers' output
+    (one file across launcher restarts; the run dir keeps only one earlier generation of rank logs)."""
+    out = "\n".join(line for line in cluster.output().splitlines() if line.startswith("[rank 0 "))
     return {
-        "loaded": _count(re.findall(r"loaded model (\S+) in", out)),
+        "loaded": _count(re.findall(r"\bloaded model (\S+) in", out)),
         "unloaded": _count(re.findall(r"unloaded model (\S+)", out)),
     }
 
