@@ -25,11 +25,24 @@ Faults: sigkill (any rank, rank 0 included), sigstop (SIGSTOP, then SIGCONT afte
 collective_timeout_s), launcher (SIGKILL `mlx-cluster up`; the harness checks the ranks follow
 it, then starts it again), ssd_corrupt (random bytes over / truncation of SSD-tier files),
 disk_full (the SSD dir is a small tmpfs; a filler file takes all its space for a while),
-slow_link (a tbf qdisc on the private loopback: 256 kbit/s for a few seconds). As root the
-harness re-runs itself in private network and mount namespaces (unshare), so the tmpfs and the
-qdisc touch nobody else. Not available on this kernel, so not exercised: tc netem (added
-latency, loss), tc classifiers/actions (per-port drops) and iptables (not installed), hence no
-partition between two specific ranks.
+slow_link (a tbf qdisc on the private loopback: 256 kbit/s for a few seconds), partition
+(`--kinds partition`: one rank on each of two SSH hosts in network namespaces, tests/netns.py's,
+built inside the harness's private network namespace; host b's veth on the bridge is set down
+for 0.5-2x collective_timeout_s, then up). As root the harness re-runs itself in private
+network and mount namespaces (unshare), so the tmpfs, the qdisc and the namespaced hosts touch
+nobody else. Not available on this kernel, so not exercised: tc netem (added latency, loss),
+tc classifiers/actions (per-port drops) and iptables (not installed).
+
+Layouts: `--pipeline 2` (cluster.parallel {tensor: 1, pipeline: 2}, micro-batches in flight by
+default; no adapter or speculation, which that layout refuses or runs one pass at a time);
+`--models 2` (`models:` builtin:tiny and "tiny2", builtin:tiny with its embedding rows rolled,
+so a reply from the wrong model is a wrong token; requests alternate; tiny2 unloads after
+`--idle-unload-s`; each model's reference is its own single-model TP=1 cluster);
+`--target-ranks 1` (sigkill/sigstop hit only those ranks, e.g. the last stage).
+
+    python benchmarks/chaos.py --seed 12 --faults 5 --requests 40 --duration-s 200 --pipeline 2 --kinds sigkill,sigstop --target-ranks 1
+    python benchmarks/chaos.py --seed 21 --faults 5 --requests 40 --duration-s 200 --models 2 --idle-unload-s 4
+    python benchmarks/chaos.py --seed 31 --faults 4 --requests 36 --duration-s 200 --kinds partition
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -51,11 +65,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.cluster import REPO, Cluster, pid_alive  # noqa: E402  (the same harness the tests use)
+from tests.cluster import REPO, Cluster, _merge, free_port, pid_alive  # noqa: E402  (the same harness the tests use)
 
-ALL_KINDS = ("sigkill", "sigstop", "launcher", "ssd_corrupt", "disk_full", "slow_link")
+ALL_KINDS = ("sigkill", "sigstop", "launcher", "ssd_corrupt", "disk_full", "slow_link", "partition")
+# partition needs its own layout (one rank on each of two namespaced hosts): asked for by name.
+DEFAULT_KINDS = ALL_KINDS[:-1]
 # 3 s tripped the watchdog without any fault on 2 cores shared with 5 other jobs (load 5.7):
 # both ranks' steps stalled together. 10 s, as in production-like runs, keeps that noise out.
 COLLECTIVE_TIMEOUT_S = 10.0
@@ -458,6 +475,16 @@ def chaos_config(ssd_dir: Path, adapter_path: Path | None, speculative: bool = T
     return cfg
 
 
+def layout_config(pipeline: int, ranks: int) -> dict:
+    """cluster.parallel for `pipeline` stages over `ranks` (1: all tensor parallel, as before).
+    Micro-batches take their default (P in flight on a pure pipeline without speculation)."""
+    if pipeline <= 1:
+        return {}
+    if ranks % pipeline:
+        raise ValueError(f"--pipeline {pipeline} must divide --ranks {ranks}")
+    return {"cluster": {"parallel": {"tensor": ranks // pipeline, "pipeline": pipeline}}}
+
+
 def make_adapter_dir(models_dir: Path, out: Path) -> Path | None:
     """A random LoRA adapter for builtin:tiny, made with mlx-lm's tuner (tests/test_lora.py)."""
     try:
@@ -470,11 +497,63 @@ def make_adapter_dir(models_dir: Path, out: Path) -> Path | None:
         return None
 
 
-def reference_answers(workdir: Path, models_dir: Path, adapter: Path | None, specs: list[Spec]) -> dict[int, object]:
-    """The fault-free TP=1 answers (speculation and the SSD tier off), sequentially."""
+def make_second_model(models_dir: Path, out: Path) -> Path:
+    """builtin:tiny with its token embedding rows rolled by one: the same tokenizer and shapes,
+    different greedy replies, so a request served by the wrong model is a wrong token."""
+    import mlx.core as mx
+
+    from mlx_cluster.models.builtin import resolve_model_path
+
+    if (out / "config.json").exists():
+        return out
+    src = Path(resolve_model_path("builtin:tiny", str(models_dir)))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("mlx_cluster_builtin.json"))
+    for f in sorted(tmp.glob("*.safetensors")):
+        weights = mx.load(str(f))
+        if "model.embed_tokens.weight" in weights:
+            weights["model.embed_tokens.weight"] = mx.roll(weights["model.embed_tokens.weight"], 1, axis=0)
+            mx.save_safetensors(str(f), weights, metadata={"format": "mlx"})
+    tmp.rename(out)
+    return out
+
+
+def assign_models(specs: list[Spec], names: list[str]) -> None:
+    """Every request with a body names a model, alternating, so loads and idle unloads happen
+    all along the run (Messages' "builtin:tiny" too: under `models:` only the names exist)."""
+    for spec in specs:
+        if spec.body is not None:
+            spec.body["model"] = names[spec.id % len(names)]
+
+
+def models_config(names: dict[str, str], models_dir: Path, idle_unload_s: float) -> dict:
+    """`models:` (name -> path) with the first preloaded and the rest loaded on first use."""
+    entries = [{"name": n, "path": p, "builtin_dir": str(models_dir)} for n, p in names.items()]
+    return {"models": entries, "idle_unload_s": idle_unload_s}
+
+
+def reference_answers(
+    workdir: Path, models_dir: Path, adapter: Path | None, specs: list[Spec], models: dict[str, str] | None = None
+) -> dict[int, object]:
+    """The fault-free TP=1 answers (speculation and the SSD tier off), four at a time. With
+    `models` (name -> path), one single-model (`model:`) reference cluster per model, each
+    answering the requests that name it: the reference does not go through `models:` at all."""
+    if models:
+        out = {}
+        for name, path in models.items():
+            todo = [s for s in specs if s.body is not None and s.body.get("model") == name]
+            out.update(_reference(workdir / f"ref-{name}", models_dir, None, todo, {"path": path, "name": name}))
+        return out
+    return _reference(workdir, models_dir, adapter, specs)
+
+
+def _reference(workdir: Path, models_dir: Path, adapter: Path | None, specs: list[Spec], model=None) -> dict:
     cfg = chaos_config(workdir / "ref-kv", adapter, speculative=False)
     cfg["cache"] = {"ssd": {"enabled": False}}
     cfg["supervisor"]["collective_timeout_s"] = 120  # no watchdog noise in the reference
+    if model is not None:
+        cfg["model"] = model
     out = {}
     todo = [s for s in specs if s.checked]
 
@@ -547,9 +626,21 @@ class Fault:
 
 
 class Injector:
-    def __init__(self, cluster: Cluster, tracker: Tracker, ssd_dir: Path, rng: random.Random, tmpfs: bool, tc: bool):
+    def __init__(
+        self,
+        cluster: Cluster,
+        tracker: Tracker,
+        ssd_dir: Path,
+        rng: random.Random,
+        tmpfs: bool,
+        tc: bool,
+        target_ranks: tuple[int, ...] | None = None,
+        hosts=None,
+    ):
         self.cluster, self.tracker, self.ssd_dir, self.rng = cluster, tracker, ssd_dir, rng
         self.tmpfs, self.tc = tmpfs, tc
+        self.target_ranks = target_ranks  # sigkill / sigstop pick among these (None: any rank)
+        self.hosts = hosts  # NetnsHosts for `partition`
 
     def inject(self, kind: str) -> Fault:
         fault = Fault(kind, time.monotonic())
@@ -558,7 +649,8 @@ class Injector:
 
     def _pick_rank(self) -> tuple[int, int]:
         pids = self.cluster.rank_pids()
-        rank = self.rng.randrange(len(pids))
+        choices = [r for r in (self.target_ranks or range(len(pids))) if r < len(pids)] or list(range(len(pids)))
+        rank = self.rng.choice(choices)
         return rank, pids[rank]
 
     def _sigkill(self, f: Fault) -> None:
@@ -628,6 +720,19 @@ class Injector:
         time.sleep(hold)
         filler.unlink(missing_ok=True)
 
+    def _partition(self, f: Fault) -> None:
+        """Cut host b (rank 1) off the bridge for a while: the ring, the control links and the
+        launcher's SSH session to it all go silent; rank 0 stays reachable by the clients."""
+        hold = self.rng.uniform(0.5, 2.0) * COLLECTIVE_TIMEOUT_S
+        veth = self.hosts.bridge_port(1)
+        r = subprocess.run(["ip", "link", "set", veth, "down"], capture_output=True, text=True)
+        f.detail = f"host b cut off for {hold:.1f} s" + (f" (ip failed: {r.stderr.strip()})" if r.returncode else "")
+        # Like a stopped rank: until the link returns or the watchdog fires, a probe may wait;
+        # TCP's retransmission backoff can add a few seconds after the link returns.
+        f.grace_s = min(hold + 3.0, COLLECTIVE_TIMEOUT_S + HEARTBEAT_S + 1.25) + 2.5
+        time.sleep(hold)
+        subprocess.run(["ip", "link", "set", veth, "up"], capture_output=True)
+
     def _slow_link(self, f: Fault) -> None:
         hold = self.rng.uniform(2, 5)
         cmd = [
@@ -649,6 +754,74 @@ class Injector:
         f.detail = f"tbf 256kbit for {hold:.1f} s" + (f" (tc failed: {r.stderr.strip()})" if r.returncode else "")
         time.sleep(hold)
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+
+
+# --------------------------------------------------------------------------- two namespaced hosts
+
+
+@dataclass
+class NetnsHosts:
+    """tests/netns.py's two SSH hosts, built inside this process's private network namespace
+    (the harness runs under `unshare --net --mount`): other names, no machine-wide lock, and
+    nothing another run's clean-up could mistake for its own leftovers."""
+
+    ssh: object  # tests.netns.SshHosts
+    procs: list
+
+    def bridge_port(self, index: int) -> str:
+        return f"mlxcv{os.getpid()}{'ab'[index]}"  # tests/netns.py's name for host index's veth
+
+    def close(self) -> None:
+        from tests.netns import _kill_namespace_processes, _run
+
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        for ns in self.ssh.namespaces:
+            _kill_namespace_processes(ns)
+            _run("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(self.ssh.tmp, ignore_errors=True)
+
+
+def netns_hosts() -> NetnsHosts:
+    from tests import netns
+
+    sshd = netns._find_sshd()
+    if sshd is None or netns.netns_unavailable_reason():
+        raise RuntimeError(f"partition needs two namespaced SSH hosts: {netns.netns_unavailable_reason() or 'no sshd'}")
+    tmp = Path(tempfile.mkdtemp(prefix="chaos-netns-"))
+    ssh = netns.SshHosts(
+        namespaces=[f"chaos-{os.getpid()}-{x}" for x in netns.SUFFIXES],
+        ips=list(netns.HOST_IPS),
+        key_file=tmp / "client.key",
+        known_hosts=tmp / "known_hosts",
+        tmp=tmp,
+    )
+    hosts = NetnsHosts(ssh, [])
+    try:
+        netns._create_network(ssh)
+        netns._write_keys(ssh)
+        hosts.procs = [netns._start_sshd(ssh, i, sshd) for i in range(2)]
+        for i, proc in enumerate(hosts.procs):
+            netns._wait_for_sshd(ssh, i, proc)
+        netns._check_between_namespaces(ssh)
+    except BaseException:
+        hosts.close()
+        raise
+    return hosts
+
+
+def multihost_config(hosts: NetnsHosts, workdir: Path, port: int) -> dict:
+    """One rank on each namespaced host, started over SSH, rank 0 serving on host a's address."""
+    python = workdir / "python"  # the remote ranks run this checkout (SSH drops PYTHONPATH)
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return {
+        "cluster": {"python": str(python), "cwd": str(REPO)},
+        "hosts": [{"host": ip, "ips": [ip]} for ip in hosts.ssh.ips],
+        "ssh": hosts.ssh.ssh_section().model_dump(),
+        "server": {"host": hosts.ssh.ips[0], "port": port, "allow_insecure": True},
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -741,30 +914,51 @@ def run_chaos(
     n_faults: int = 6,
     n_requests: int = 120,
     duration_s: float = 120.0,
-    kinds: tuple[str, ...] = ALL_KINDS,
+    kinds: tuple[str, ...] = DEFAULT_KINDS,
     ranks: int = 2,
     workdir: Path | None = None,
     isolated: bool = False,
     models_dir: Path | None = None,
     long_words: int = 150,
     in_order: bool = False,
+    pipeline: int = 1,
+    n_models: int = 1,
+    idle_unload_s: float = 4.0,
+    target_ranks: tuple[int, ...] | None = None,
+    hosts: NetnsHosts | None = None,
     log=print,
 ) -> dict:
+    """`pipeline` > 1: that many pipeline stages (cluster.parallel), no adapter and no
+    speculation (neither runs with micro-batches). `n_models` 2: `models:` builtin:tiny and a
+    second model (make_second_model), requests alternating between them, the second unloaded
+    after `idle_unload_s` idle (`models:` takes no adapter, speculation or pipeline). `hosts`:
+    one rank on each of two namespaced SSH hosts (needed by the `partition` fault)."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="chaos-"))
     from mlx_cluster.models.builtin import resolve_model_path
 
     models_dir = Path(models_dir or workdir / "models")
     resolve_model_path("builtin:tiny", str(models_dir))
-    use_adapter = os.environ.get("CHAOS_NO_ADAPTER") is None
+    plain = pipeline > 1 or n_models > 1  # layouts that refuse adapters and speculation
+    use_adapter = os.environ.get("CHAOS_NO_ADAPTER") is None and not plain
     adapter = make_adapter_dir(models_dir, workdir / "adapter") if use_adapter else None
     specs = make_workload(seed, n_requests, duration_s, "ad1" if adapter else None, long_words)
+    models = None
+    if n_models > 1:
+        if n_models != 2:
+            raise ValueError("n_models: 1 or 2")
+        models = {"tiny": "builtin:tiny", "tiny2": str(make_second_model(models_dir, workdir / "tiny2"))}
+        assign_models(specs, list(models))
     t0 = time.monotonic()
     log(f"chaos: reference run of {sum(s.checked for s in specs)} requests on one rank")
-    refs = reference_answers(workdir, models_dir, adapter, specs)
+    refs = reference_answers(workdir, models_dir, adapter, specs, models)
     log(f"chaos: reference done in {time.monotonic() - t0:.0f} s")
     ssd_dir, tmpfs = setup_dirs(workdir, isolated, 48)  # each rank's budget (16 MB) fits twice
     tc = isolated and shutil.which("tc") is not None
-    kinds = tuple(k for k in kinds if (k != "slow_link" or tc) and (k != "disk_full" or tmpfs))
+    kinds = tuple(
+        k
+        for k in kinds
+        if (k != "slow_link" or tc) and (k != "disk_full" or tmpfs) and (k != "partition" or hosts is not None)
+    )
     rng = random.Random(seed + 7)
     fault_plan = sorted(rng.uniform(0.1, 0.85) * duration_s for _ in range(n_faults))
     if in_order:  # the kinds as given, round robin (the short test wants each one once)
@@ -772,11 +966,25 @@ def run_chaos(
     else:
         fault_kinds = [rng.choice(kinds) for _ in fault_plan] if kinds else []
 
-    cluster = Cluster(workdir / "chaos", ranks=ranks, models_dir=models_dir, config=chaos_config(ssd_dir, adapter))
+    cfg = chaos_config(ssd_dir, adapter, speculative=not plain)
+    _merge(cfg, layout_config(pipeline, ranks))
+    if models:
+        cfg.update(models_config(models, models_dir, idle_unload_s))
+    port = free_port()
+    if hosts is not None:
+        ranks = 2
+        (workdir / "chaos").mkdir(parents=True, exist_ok=True)
+        _merge(cfg, multihost_config(hosts, workdir / "chaos", port))
+    cluster = Cluster(workdir / "chaos", ranks=ranks, models_dir=models_dir, config=cfg)
+    if models:
+        del cluster.config["model"]  # models: replaces model:
+    if hosts is not None:
+        cluster.url = f"http://{hosts.ssh.ips[0]}:{port}"
+    cluster.config_path.write_text(yaml.safe_dump(cluster.config))
     cluster.start()
     tracker = Tracker(cluster)
     tracker.thread.start()
-    injector = Injector(cluster, tracker, ssd_dir, random.Random(seed + 13), tmpfs, tc)
+    injector = Injector(cluster, tracker, ssd_dir, random.Random(seed + 13), tmpfs, tc, target_ranks, hosts)
     results: list[Result] = []
     lock = threading.Lock()
     faults: list[Fault] = []
@@ -863,6 +1071,11 @@ def run_chaos(
         "requests": len(specs),
         "workload": _count(s.kind + ("/stream" if s.stream else "") for s in specs),
         "adapter": adapter is not None,
+        "speculative": not plain,
+        "parallel": cluster.config["cluster"].get("parallel"),
+        "models": list(models) if models else None,
+        "model_loads": _model_loads(cluster) if models else None,
+        "hosts": "two namespaced SSH hosts" if hosts is not None else "localhost",
         "ssd_tmpfs": tmpfs,
         "faults": {k: len(v) for k, v in by_kind.items()},
         "fault_log": [
@@ -919,6 +1132,16 @@ def _round(x):
 
 def _restarts(cluster: Cluster) -> int:
     return cluster.output().count("restarting the group in")
+
+
+def _model_loads(cluster: Cluster) -> dict:
+    """How often each model was loaded and unloaded: rank 0's lines in the launchers' output
+    (one file across launcher restarts; the run dir keeps only one earlier generation of rank logs)."""
+    out = "\n".join(line for line in cluster.output().splitlines() if line.startswith("[rank 0 "))
+    return {
+        "loaded": _count(re.findall(r"\bloaded model (\S+) in", out)),
+        "unloaded": _count(re.findall(r"unloaded model (\S+)", out)),
+    }
 
 
 # --------------------------------------------------------------------------- soak
@@ -1077,9 +1300,15 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", type=int, default=8)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--duration-s", type=float, default=180, help="the workload's arrivals spread over this")
-    ap.add_argument("--kinds", default=",".join(ALL_KINDS), help="fault kinds, comma separated")
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="fault kinds, comma separated")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--long-words", type=int, default=150, help="words in the shared long-prompt prefixes")
+    ap.add_argument(
+        "--pipeline", type=int, default=1, help="pipeline stages (cluster.parallel); no adapter/speculation"
+    )
+    ap.add_argument("--models", type=int, default=1, help="2: models: tiny + tiny2, requests alternating")
+    ap.add_argument("--idle-unload-s", type=float, default=4.0, help="with --models 2: idle_unload_s")
+    ap.add_argument("--target-ranks", default=None, help="sigkill/sigstop only these ranks, comma separated")
     ap.add_argument("--soak-minutes", type=float, default=None, help="soak mode: steady load, no faults")
     ap.add_argument("--concurrency", type=int, default=4, help="soak clients")
     ap.add_argument("--no-isolate", action="store_true", help="as root: do not re-run in private namespaces")
@@ -1101,17 +1330,31 @@ def main(argv=None) -> int:
         bad = [k for k in kinds if k not in ALL_KINDS]
         if bad:
             ap.error(f"--kinds: unknown {bad}; known: {', '.join(ALL_KINDS)}")
-        report = run_chaos(
-            args.seed,
-            args.faults,
-            args.requests,
-            args.duration_s,
-            kinds,
-            args.ranks,
-            args.workdir,
-            isolated,
-            long_words=args.long_words,
-        )
+        hosts = None
+        if "partition" in kinds:
+            if not isolated:
+                ap.error("--kinds partition: run as root without --no-isolate (it builds namespaced hosts)")
+            hosts = netns_hosts()
+        try:
+            report = run_chaos(
+                args.seed,
+                args.faults,
+                args.requests,
+                args.duration_s,
+                kinds,
+                args.ranks,
+                args.workdir,
+                isolated,
+                long_words=args.long_words,
+                pipeline=args.pipeline,
+                n_models=args.models,
+                idle_unload_s=args.idle_unload_s,
+                target_ranks=tuple(int(r) for r in args.target_ranks.split(",")) if args.target_ranks else None,
+                hosts=hosts,
+            )
+        finally:
+            if hosts is not None:
+                hosts.close()
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -9,6 +9,7 @@ reference, no hang, no truncated success, no error without an envelope, no proce
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,35 @@ def test_the_oracle_catches_what_it_must():
     assert verdict["wrong_tokens"] == 1
     assert verdict["outcomes"] == {"wrong": 1, "cancelled": 1, "unexplained_lost": 1, "truncated": 1}
     assert [v["id"] for v in verdict["violations"]] == [1, 3, 4]
+
+
+def test_pipeline_and_models_options_build_what_they_say(models_dir, tmp_path):
+    """--pipeline gives cluster.parallel; --models 2 gives every request a model, alternating,
+    and a second model that answers differently from builtin:tiny (so a request served by the
+    wrong model is a wrong token for the oracle), whose config validates as `models:`."""
+    chaos = load_chaos()
+    assert chaos.layout_config(1, 2) == {}
+    assert chaos.layout_config(2, 2) == {"cluster": {"parallel": {"tensor": 1, "pipeline": 2}}}
+    with pytest.raises(ValueError, match="must divide"):
+        chaos.layout_config(2, 3)
+    specs = chaos.make_workload(5, 30, 10.0, None)
+    chaos.assign_models(specs, ["tiny", "tiny2"])
+    named = [s.body["model"] for s in specs if s.body is not None]
+    assert set(named) == {"tiny", "tiny2"} and all(s.raw is not None for s in specs if s.body is None)
+
+    import mlx.core as mx
+
+    from mlx_cluster.config import ClusterConfig
+    from mlx_cluster.models.builtin import resolve_model_path
+
+    tiny = resolve_model_path("builtin:tiny", str(models_dir))
+    second = chaos.make_second_model(models_dir, tmp_path / "tiny2")
+    key = "model.embed_tokens.weight"
+    a, b = (
+        {k: v for f in sorted(d.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+        for d in (Path(tiny), second)
+    )
+    assert a.keys() == b.keys() and not mx.array_equal(a[key], b[key])
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a if k != key)
+    cfg = chaos.models_config({"tiny": "builtin:tiny", "tiny2": str(second)}, models_dir, 4.0)
+    assert [m.name for m in ClusterConfig.model_validate(cfg).models] == ["tiny", "tiny2"]

@@ -64,8 +64,12 @@ class Watchdog:
                 )
 
     def _watch_stdin(self) -> None:
+        # os.read on the descriptor, not sys.stdin.buffer: a thread blocked in a BufferedReader
+        # holds its lock, and a rank exiting normally then aborts at interpreter shutdown
+        # ("Fatal Python error: _enter_buffered_busy", exit 134), seen on every SSH-launched
+        # rank at `down` (benchmarks/chaos.py --kinds partition).
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(sys.stdin.fileno(), 4096):
                 pass
         except (OSError, ValueError):
             pass
