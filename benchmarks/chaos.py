@@ -1218,6 +1218,7 @@ def run_soak(
             st = httpx.get(cluster.url + "/admin/status", timeout=10).json()
             for rk in st.get("ranks", []):
                 out[f"rank{rk.get('rank')}"]["mlx_active"] = rk.get("mem_active")
+                out[f"rank{rk.get('rank')}"]["mlx_cache"] = rk.get("mem_cache")
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         out["ssd_bytes"] = _dir_bytes(ssd_dir)
@@ -1266,7 +1267,7 @@ def run_soak(
     warm, last = idle[0], idle[-1]
     growth = {}
     for name in pids:
-        for key in ("rss_kb", "threads", "fds", "mlx_active"):
+        for key in ("rss_kb", "threads", "fds", "mlx_active", "mlx_cache"):
             a, b = warm.get(name, {}).get(key), last.get(name, {}).get(key)
             if a:
                 growth[f"{name}.{key}"] = round((b - a) / a * 100, 2)

@@ -165,6 +165,7 @@ def collect_report(engine, rank: int, started_at: float) -> dict:
         "state": "idle" if engine.idle else "busy",
         "mem_active": int(mx.get_active_memory()),
         "mem_peak": int(mx.get_peak_memory()),
+        "mem_cache": int(mx.get_cache_memory()),  # freed buffers MLX keeps for reuse (counted in RSS on CPU)
         # The last step without its wait for the plan (on a worker that wait is rank 0's pace).
         "step_s": round(max(0.0, engine.last_work_s), 6),
         "bus_s": round(engine.last_phase_s.get("bus", 0.0), 6),
