@@ -256,11 +256,16 @@ def build_checkpoint(out: Path, spec: Spec, tokenizer_dir: Path, silent: list[in
     return out
 
 
+def build_checkpoints(tmp_path_factory, tiny_model_path, specs: dict[str, Spec], label: str) -> dict[str, Path]:
+    """One checkpoint per spec, in a fresh `label` directory, with builtin:tiny's tokenizer."""
+    root, tokenizer_dir = tmp_path_factory.mktemp(label), Path(tiny_model_path)
+    silent = silent_tokens(tokenizer_dir)
+    return {name: build_checkpoint(root / name, spec, tokenizer_dir, silent) for name, spec in specs.items()}
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
-    root, tokenizer_dir = tmp_path_factory.mktemp("checkpoints"), Path(tiny_model_path)
-    silent = silent_tokens(tokenizer_dir)
-    return {name: build_checkpoint(root / name, spec, tokenizer_dir, silent) for name, spec in SPECS.items()}
+    return build_checkpoints(tmp_path_factory, tiny_model_path, SPECS, "checkpoints")
 
 
 @pytest.fixture(scope="module")

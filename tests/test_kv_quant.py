@@ -31,7 +31,7 @@ from mlx_cluster.engine.kv_quant import (
     resolve_live_kv,
 )
 from tests.cluster import Cluster
-from tests.test_checkpoints import MIN_MARGIN, SPECS, build_checkpoint, silent_tokens
+from tests.test_checkpoints import MIN_MARGIN, SPECS, build_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -131,12 +131,8 @@ def test_bytes_per_token_from_nbytes(bits, ratio):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_model_path):
-    from pathlib import Path
-
-    root, tokenizer_dir = tmp_path_factory.mktemp("kvq_checkpoints"), Path(tiny_model_path)
-    silent = silent_tokens(tokenizer_dir)
     specs = {name: SPECS[name] for name in (*ARCHS, "deepseek_v3", "gpt_oss")} | F32
-    return {name: build_checkpoint(root / name, spec, tokenizer_dir, silent) for name, spec in specs.items()}
+    return build_checkpoints(tmp_path_factory, tiny_model_path, specs, "kvq_checkpoints")
 
 
 @pytest.fixture(scope="module")

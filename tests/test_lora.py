@@ -28,7 +28,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tests.cluster import Cluster
-from tests.test_checkpoints import MAX_TOKENS, PROMPT_TEXT, SPECS, build_checkpoint, mlx_lm_greedy, silent_tokens
+from tests.test_checkpoints import MAX_TOKENS, PROMPT_TEXT, SPECS, build_checkpoints, mlx_lm_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -100,9 +100,7 @@ def prompt(tiny_model_path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
-    root, tokenizer_dir = tmp_path_factory.mktemp("lora_checkpoints"), Path(tiny_model_path)
-    silent = silent_tokens(tokenizer_dir)
-    return {arch: build_checkpoint(root / arch, SPECS_HERE[arch], tokenizer_dir, silent) for arch in ARCHS}
+    return build_checkpoints(tmp_path_factory, tiny_model_path, {a: SPECS_HERE[a] for a in ARCHS}, "lora_checkpoints")
 
 
 @pytest.fixture(scope="module")

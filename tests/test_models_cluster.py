@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import Cluster
-from tests.test_checkpoints import MAX_TOKENS, PROMPT_TEXT, SPECS, build_checkpoint, mlx_lm_greedy, silent_tokens
+from tests.test_checkpoints import MAX_TOKENS, PROMPT_TEXT, SPECS, build_checkpoints, mlx_lm_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,7 @@ ARCHS = ("qwen3", "llama")  # qwen3 is loaded at start-up; llama on first use
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
-    root, tokenizer_dir = tmp_path_factory.mktemp("models_ckpt"), Path(tiny_model_path)
-    silent = silent_tokens(tokenizer_dir)
-    return {arch: build_checkpoint(root / arch, SPECS[arch], tokenizer_dir, silent) for arch in ARCHS}
+    return build_checkpoints(tmp_path_factory, tiny_model_path, {a: SPECS[a] for a in ARCHS}, "models_ckpt")
 
 
 @pytest.fixture(scope="module")
