@@ -2,7 +2,7 @@
 # Run a long benchmark chain on a machine reached through calls with a time limit: `start`
 # launches a named job in the background (it survives between calls while the machine stays
 # up); `wait` waits up to N seconds and copies the small results under /tmp/res to $OUT.
-# Usage: bash benchmarks/background_job.sh start NAME CMD...   |   bash .gpu-c/drive.sh wait NAME SECONDS
+# Usage: bash benchmarks/background_job.sh start NAME CMD...   |   bash benchmarks/background_job.sh wait NAME SECONDS
 set -u
 mode=$1; name=$2; shift 2
 d=/tmp/jobs/$name; mkdir -p "$d"
