@@ -306,7 +306,11 @@ def test_a_start_that_times_out_leaks_nothing(tmp_path, models_dir):
     # The ranks are started (their pids known) before the short wait begins: on a loaded machine
     # the launcher alone can take over 3 s to spawn them, and then nothing could have leaked.
     cluster = Cluster(tmp_path, ranks=2, models_dir=models_dir).start(wait=False)
-    cluster.wait_for(lambda: len(cluster.rank_pids()) == 2, 60, "the launcher to start both ranks")
+    try:
+        cluster.wait_for(lambda: len(cluster.rank_pids()) == 2, 60, "the launcher to start both ranks")
+    except BaseException:
+        cluster.stop(timeout_s=10)  # this test's own set-up failed: still leave nothing behind
+        raise
     with pytest.raises(TimeoutError):
         cluster.ready_or_stop(timeout_s=0.3)  # ranks still loading and warming up: not ready yet
     assert cluster.proc.poll() is not None, "the launcher outlived the failed start"
