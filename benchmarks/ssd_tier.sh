@@ -8,7 +8,8 @@
 #   long    SSD off, LONG-word prompts           cold, then the same prompts again (RAM hits)
 # Usage (CPU or GPU):  bash benchmarks/ssd_tier.sh [PRESET] [OUT_DIR]
 # Env: RANKS (1), INPUT (512), OUTPUT (128), N1 (8), N32 (96), LONG (8192), BACKEND (ring),
-# SSD_GB (auto; give room for every prompt's blocks, or the warm run is partly cold).
+# SSD_GB (auto; give room for every prompt's blocks, or the warm run is partly cold),
+# RUNS ("warmup off ssd warm long": a subset, in the order given; warm needs ssd before it).
 set -uo pipefail
 preset=${1:-8b}
 out=${2:-/tmp/ssd-tier}
@@ -43,12 +44,16 @@ YAML
 }
 
 # A warm-up server run first, so page cache and compile caches favour no one.
-serve warmup false 8192 && bench warmup-c1 1 2 99 "$input"; stop $pid
-serve off false 8192 && { bench off-c1 1 "$n1" 1 "$input"; bench off-c32 32 "$n32" 2 "$input"; bench off-c1-ram 1 "$n1" 1 "$input"; }; stop $pid
-serve ssd true 8192 && { bench ssd-c1 1 "$n1" 1 "$input"; bench ssd-c32 32 "$n32" 2 "$input"; }; stop $pid
-serve warm true 8192 && { bench warm-c1 1 "$n1" 1 "$input"; bench warm-c32 32 "$n32" 2 "$input"; }; stop $pid
-curl -s http://127.0.0.1:8111/admin/cache > /dev/null 2>&1
-serve long false $((2 * long + 1024)) && { bench long-cold 1 4 3 "$long"; bench long-ram 1 4 3 "$long"; }; stop $pid
+for run in ${RUNS:-warmup off ssd warm long}; do
+  case $run in
+    warmup) serve warmup false 8192 && bench warmup-c1 1 2 99 "$input" ;;
+    off) serve off false 8192 && { bench off-c1 1 "$n1" 1 "$input"; bench off-c32 32 "$n32" 2 "$input"; bench off-c1-ram 1 "$n1" 1 "$input"; } ;;
+    ssd) serve ssd true 8192 && { bench ssd-c1 1 "$n1" 1 "$input"; bench ssd-c32 32 "$n32" 2 "$input"; } ;;
+    warm) serve warm true 8192 && { bench warm-c1 1 "$n1" 1 "$input"; bench warm-c32 32 "$n32" 2 "$input"; } ;;
+    long) serve long false $((2 * long + 1024)) && { bench long-cold 1 4 3 "$long"; bench long-ram 1 4 3 "$long"; } ;;
+  esac
+  stop $pid
+done
 grep -h "prefix cache\|SSD KV" "$out"/warm.log | head -5 | tee -a "$out/summary.txt"
 $py - "$out" <<'PY' | tee -a "$out/summary.txt"
 import json, sys, pathlib

@@ -1,0 +1,138 @@
+"""Where a speculative step's time goes, single stream, next to a plain step (issue 11).
+
+Runs greedy generation of repetitive prompts with n-gram speculation off and on through the
+engine's executor in process, and splits each mode's wall time into:
+
+  build    host time inside the model's forward call (building the graph; nothing waits)
+  wait     host time inside mx.eval / .tolist() / .item() (the device finishing queued work)
+  other    everything else on the host (sampling setup, n-gram lookup, cache trims, emit)
+
+A plain step overlaps the next step's build with the device (mlx-lm's async pipelining), so
+its "wait" hides build; a verify step is synchronous, so its build and other are added to the
+device time. Prints per-token figures and the top functions by own time (cProfile).
+
+    python3 benchmarks/spec_profile.py --model /tmp/mlxc-8b --max-tokens 256 --out /tmp/res/spec_profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+
+from mlx_cluster.cache.testing import generate, make_executor  # noqa: E402
+from mlx_cluster.config import SpeculativeSection  # noqa: E402
+from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
+
+
+class Clock:
+    """Accumulates host time spent in wrapped callables, by label (a label's outermost call only)."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.durations: dict[str, list[float]] = {}
+        self._inside: set[str] = set()
+
+    def wrap(self, label, fn):
+        def timed(*a, **kw):
+            if label in self._inside:
+                return fn(*a, **kw)
+            self._inside.add(label)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._inside.discard(label)
+                dt = time.perf_counter() - t0
+                self.spent[label] = self.spent.get(label, 0.0) + dt
+                self.durations.setdefault(label, []).append(dt)
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        return timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--models-dir", default="~/.cache/mlx-cluster/models")
+    ap.add_argument("--num-tokens", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.loader import load_model_shard
+
+    loaded = load_model_shard(resolve_model_path(args.model, args.models_dir), mx.distributed.init())
+    vocab = loaded.config.get("vocab_size")
+    section = SpeculativeSection(method="ngram", num_tokens=args.num_tokens)
+    speculator = make_speculator(section, loaded.tokenizer, vocab, args.models_dir)
+    prompts = [[17 + 13 * i] * 48 for i in range(args.prompts)]
+    lines = [f"model {args.model}, device {mx.default_device()}, n-gram K={args.num_tokens}"]
+
+    clock = Clock()
+    model = loaded.model
+    model_call = type(model).__call__
+    type(model).__call__ = clock.wrap("build", model_call)  # every forward, plain or verify
+    mx.eval = clock.wrap("wait", mx.eval)
+    verify = Speculator._verify
+    Speculator._verify = clock.wrap("verify step", verify)
+
+    for mode in ("off", "on"):
+        ex = make_executor(loaded, None, max_batch_size=1, speculator=speculator if mode == "on" else None)
+        for p in prompts:  # compile every shape the measured run will meet (each verify width)
+            generate(ex, [p], args.max_tokens)
+        clock.spent.clear(), clock.calls.clear(), clock.durations.clear()
+        speculator.reset_stats()
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        tokens = 0
+        profiler.enable()
+        for p in prompts:
+            [r] = generate(ex, [p], args.max_tokens)
+            tokens += len(r.tokens)
+        profiler.disable()
+        wall = time.perf_counter() - t0
+        per = {k: 1e3 * v / tokens for k, v in clock.spent.items()}
+        s = speculator.stats
+        lines.append(
+            f"\n== speculation {mode}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s, "
+            f"{1e3 * wall / tokens:.2f} ms/token"
+        )
+        lines.append(
+            "   per token (ms): "
+            + ", ".join(f"{k} {v:.2f} ({clock.calls[k]} calls)" for k, v in sorted(per.items()))
+        )
+        for label, ds in sorted(clock.durations.items()):
+            ds = sorted(ds)
+            lines.append(
+                f"   {label} per call (ms): p10 {1e3 * ds[len(ds) // 10]:.2f}  p50 {1e3 * ds[len(ds) // 2]:.2f}  "
+                f"p90 {1e3 * ds[9 * len(ds) // 10]:.2f}  max {1e3 * ds[-1]:.2f}"
+            )
+        if mode == "on":
+            lines.append(
+                f"   verify steps {s.spec_steps}, accepted per verify {s.mean_acceptance_length:.2f}, "
+                f"acceptance {s.acceptance_rate:.2f}"
+            )
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+        lines.append(buf.getvalue())
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
