@@ -23,6 +23,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, make_pr
 
 from mlx_cluster.cache.testing import cache_config, generate, load_tiny, make_executor, random_prompt
 from mlx_cluster.config import CacheSection
+from mlx_cluster.engine import kv_quant
 from mlx_cluster.engine.kv_quant import (
     BatchQuantizedKVCache,
     LiveKV,
@@ -201,6 +202,35 @@ def test_batch_matches_single_stream_quantized_cache(arch, checkpoints, prompts,
     assert [r.tokens for r in again] == references[arch]
     stored = next(iter(ex.prefix_cache.ram.items()))[1]
     assert set(stored.arrays) == {"k.q", "k.s", "k.b", "v.q", "v.s", "v.b"}
+
+
+def test_a_backend_that_refuses_strided_views_gets_contiguous_reads(
+    checkpoints, prompts, references, tmp_path, monkeypatch, caplog
+):
+    """mlx's CUDA quantized_matmul (0.32) has no kernel for the strided view the cache hands
+    attention. Simulated here (the CPU multiplies views): the probe fails for strided reads and
+    passes for contiguous ones, so start-up picks contiguous reads and says so; the tokens are
+    those of the strided path, with the copies really made."""
+    arch = ARCHS[0]
+    loaded = _load(checkpoints[arch])
+    probed = []
+
+    def cuda_like(model, live):
+        probed.append(live.contiguous_reads)
+        return None if live.contiguous_reads else "RuntimeError: [quantized_matmul] No implementation for problem shape"
+
+    monkeypatch.setattr(kv_quant, "attention_error", cuda_like)
+    with caplog.at_level(logging.INFO, logger="mlx_cluster.engine.kv_quant"):
+        live = resolve_live_kv(CacheSection(kv_bits=8), loaded.model)
+    assert live == LiveKV(8, 32, contiguous_reads=True) and probed == [False, True]
+    assert "needs contiguous operands" in caplog.text and "full precision" not in caplog.text
+    monkeypatch.undo()
+    assert BatchQuantizedKVCache.merge(live.empty_caches(2)).contiguous_reads  # the batch keeps the mode
+
+    ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
+    assert [r.tokens for r in generate(ex, prompts, MAX_TOKENS)] == references[arch]
+    again = generate(ex, prompts, MAX_TOKENS)  # restored blocks keep the mode
+    assert [r.cached_tokens for r in again] == [0, 32, 0] and [r.tokens for r in again] == references[arch]
 
 
 def test_models_that_cannot_use_it(checkpoints, caplog):

@@ -133,8 +133,6 @@ class BlockCodec:
         return mx.dequantize(q, scales, cat(name + ".b"), group_size=group, bits=bits)
 
     def _decode_quantized(self, blocks: Sequence[Block], live) -> list:
-        from mlx_cluster.engine.kv_quant import QuantizedSequenceCache
-
         stacked = {}
         for name in ("k", "v"):
             if name + ".q" in blocks[0].arrays and self.kv_bits == live.bits:
@@ -147,7 +145,7 @@ class BlockCodec:
         caches = []
         n_tokens = stacked["k"][0].shape[2]
         for layer in range(stacked["k"][0].shape[0]):
-            c = QuantizedSequenceCache(live.group_size, live.bits)
+            c = live.sequence_cache()
             c.keys = tuple(p[layer : layer + 1] for p in stacked["k"])
             c.values = tuple(p[layer : layer + 1] for p in stacked["v"])
             c.offset = n_tokens
