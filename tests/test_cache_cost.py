@@ -15,11 +15,13 @@ BS = 16
 BLOCK = 1 << 20  # bytes per block in these examples
 
 
-def model(prefill_s_per_token=None, copy_s_per_byte=0.0, read_s_per_byte=None) -> CostModel:
+def model(prefill_s_per_token=None, copy_s_per_byte=0.0, read_s_per_byte=None, upload_s_per_byte=None) -> CostModel:
     m = CostModel(BS, BLOCK)
     if prefill_s_per_token is not None:
         m.prefill.add(prefill_s_per_token)
     m.copy.add(copy_s_per_byte)
+    if upload_s_per_byte is not None:
+        m.upload.add(upload_s_per_byte)
     m.ssd_read = Ewma()
     if read_s_per_byte is not None:
         m.ssd_read.add(read_s_per_byte)
@@ -50,6 +52,23 @@ def test_a_fast_ssd_tier_is_waited_for_at_most_the_time_it_saves():
     d = m.plan(["memory", "reading", "reading", "memory"])
     assert d.blocks == 1
     assert d.wait_s == pytest.approx(3 * 16e-3)  # three blocks behind the first, each saving 16 ms
+
+
+def test_blocks_read_into_host_memory_are_restored_when_uploading_beats_prefill():
+    # A Mac: unified memory, 1 MB "uploads" in 0.1 ms, a block prefills in 16 ms.
+    m = model(prefill_s_per_token=1e-3, upload_s_per_byte=1e-10, read_s_per_byte=1e-9)
+    assert m.plan(["memory", "staged", "staged"]).blocks == 3 and m.reads_pay()
+
+
+def test_blocks_read_into_host_memory_are_not_restored_when_uploading_loses_to_prefill():
+    # A discrete GPU: turning host bytes into device KV costs more than prefilling the block
+    # (an H200 prefills 16 tokens of an 8B model in ~1 ms, and its warm SSD hits cost ~3 ms a
+    # block more than recomputing), however fast the disk read was. RAM-tier blocks (already
+    # on the device) are still used.
+    m = model(prefill_s_per_token=33e-6, upload_s_per_byte=1e-9, read_s_per_byte=1e-11)
+    d = m.plan(["memory", "staged", "staged", "reading"])
+    assert d.blocks == 1 and d.wait_s == 0
+    assert m.reads_pay() is False  # so the reads stop being queued at all (but for a re-measure now and then)
 
 
 def test_unmeasured_costs_presume_the_tier_helps_for_a_bounded_time():

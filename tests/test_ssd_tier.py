@@ -88,9 +88,9 @@ def test_prefetch_reads_in_the_background_and_take_never_touches_the_disk(tmp_pa
     assert t.state(bid(1)) == "disk" and t.state(bid(9)) == "absent"
     assert t.prefetch([bid(1), bid(2), bid(9)]) == 2  # 9 is not on disk
     deadline = time.monotonic() + 10
-    while t.state(bid(2)) != "memory" and time.monotonic() < deadline:
+    while t.state(bid(2)) != "staged" and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert t.state(bid(1)) == t.state(bid(2)) == "memory" and woken
+    assert t.state(bid(1)) == t.state(bid(2)) == "staged" and woken  # read into host memory
     assert t.stats.prefetched == 2 and t.stats.staged_blocks == 2 and t.read_cost.value > 0
     got = t.take(bid(2))
     assert got is not None and mx.array_equal(got.arrays["k"], block(2).arrays["k"])
@@ -118,7 +118,7 @@ def test_a_mark_fires_once_every_read_queued_before_it_is_done(tmp_path):
     deadline = time.monotonic() + 10
     while done == [1] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert done == [1, 3] and t.state(bid(2)) == "memory"  # one call for the marks the last read reached
+    assert done == [1, 3] and t.state(bid(2)) == "staged"  # one call for the marks the last read reached
     t.close()
 
 

@@ -9,6 +9,9 @@ prefilling ~1k tokens/s wins big from the same read (numbers in docs/benchmarks.
 Each rank measures, online:
 * `prefill`: seconds per prompt token, from every prefill chunk the batcher runs (decode.py),
 * `copy`: seconds per byte to turn an in-memory block into KV on the device (calibrated at start),
+* `upload`: seconds per byte to turn a block read from SSD (host bytes) into KV on the device
+  (calibrated at start): a memcpy on a Mac's unified memory, a host-to-device transfer on a
+  discrete GPU, where it can cost more than recomputing the block,
 * the SSD tier's read cost: seconds per byte to read and verify a file (ssd.py, every read).
 
 Rank 0 plans with its own figures: restores use only blocks already in memory, and a queued
@@ -53,6 +56,7 @@ class CostModel:
         self.block_bytes = block_bytes  # bytes of one block on this rank (set once the shapes are known)
         self.prefill = Ewma()  # seconds per prompt token
         self.copy = Ewma()  # seconds per byte, memory -> KV on the device
+        self.upload = Ewma()  # seconds per byte, host bytes (an SSD read) -> KV on the device
         self.ssd_read = None  # the SSD tier's Ewma (seconds per byte), when it has one
 
     # ---- measurements ------------------------------------------------------------------
@@ -71,6 +75,11 @@ class CostModel:
         c = self.copy.value
         return 0.0 if c is None else c * self.block_bytes
 
+    def upload_block_s(self, nbytes: int | None = None) -> float:
+        """Restoring one block read from SSD (in host memory); the device copy until measured."""
+        u = self.upload.value
+        return self.memory_block_s() if u is None else u * (nbytes if nbytes is not None else self.block_bytes)
+
     def read_block_s(self, nbytes: int | None = None) -> float | None:
         """Reading and verifying one block's file from the SSD tier (None until measured)."""
         r = self.ssd_read.value if self.ssd_read is not None else None
@@ -82,33 +91,37 @@ class CostModel:
         prefill, read = self.prefill_block_s(), self.read_block_s()
         if prefill is None or read is None:
             return None
-        return read + self.memory_block_s() < prefill
+        return read + self.upload_block_s() < prefill
 
     def plan(self, where: list[str], sizes: list[int] | None = None) -> RestoreDecision:
-        """Given where each leading block of a prompt is on this rank ("memory": RAM tier or
-        already prefetched; "reading": prefetch in flight), how many to restore now and how long
-        the request may wait for the reads.
+        """Given where each leading block of a prompt is on this rank ("memory": RAM tier, on the
+        device; "staged": read from SSD into host memory; "reading": prefetch in flight), how many
+        to restore now and how long the request may wait for the reads.
 
-        Blocks in memory are restored when one costs less than prefilling it. The blocks behind
-        them that are still being read are never waited for inside a step; the request waits
-        (outside any step, others keep running) only while reading them is expected to beat
-        prefilling them, and at most for the prefill time they would save.
+        Blocks on the device are restored when one costs less than prefilling it; staged blocks
+        when uploading one does too. The blocks behind them that are still being read are never
+        waited for inside a step; the request waits (outside any step, others keep running) only
+        while reading them is expected to beat prefilling them, and at most for the prefill time
+        they would save.
         """
         prefill = self.prefill_block_s()
         restore = self.memory_block_s()
         if prefill is not None and restore >= prefill:
             return RestoreDecision(0, 0.0)  # even memory hits lose to recomputing here
+        sizes = sizes or [self.block_bytes] * len(where)
+        uploads = [self.upload_block_s(b) for b in sizes]
         n = 0
-        while n < len(where) and where[n] == "memory":
+        while n < len(where) and (
+            where[n] == "memory" or (where[n] == "staged" and (prefill is None or uploads[n] < prefill))
+        ):
             n += 1
         behind = len(where) - n  # blocks a wait could add (some may already be in memory)
-        if not behind:
+        if not behind or where[n] == "staged":  # a staged block that loses: so would the rest
             return RestoreDecision(n, 0.0)
-        sizes = sizes or [self.block_bytes] * len(where)
-        reads = [self.read_block_s(b) for b, w in zip(sizes[n:], where[n:]) if w != "memory"]
+        reads = [self.read_block_s(b) for b, w in zip(sizes[n:], where[n:]) if w == "reading"]
         if prefill is None or any(r is None for r in reads):
             return RestoreDecision(n, UNMEASURED_WAIT_S, len(reads))  # nothing to weigh yet: presume the tier helps
-        saved = behind * (prefill - restore)
+        saved = sum(prefill - (restore if w == "memory" else u) for w, u in zip(where[n:], uploads[n:]))
         return RestoreDecision(n, saved if sum(reads) < saved else 0.0, len(reads))
 
     def to_dict(self) -> dict:
@@ -116,10 +129,12 @@ class CostModel:
             "prefill_s_per_token": self.prefill.value,
             "prefill_samples": self.prefill.samples,
             "copy_s_per_byte": self.copy.value,
+            "upload_s_per_byte": self.upload.value,
             "ssd_read_s_per_byte": self.ssd_read.value if self.ssd_read is not None else None,
             "ssd_read_samples": self.ssd_read.samples if self.ssd_read is not None else 0,
             "block_bytes": self.block_bytes,
             "prefill_block_s": self.prefill_block_s(),
             "memory_block_s": self.memory_block_s(),
+            "staged_block_s": self.upload_block_s(),
             "ssd_block_s": self.read_block_s(),
         }

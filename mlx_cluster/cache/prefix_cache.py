@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -203,7 +204,7 @@ class PrefixCache:
                 sizes.append(self.cost.block_bytes)
                 continue
             state = self.ssd.state(block_id) if self.ssd is not None else "absent"
-            if state not in ("memory", "reading"):
+            if state not in ("memory", "staged", "reading"):
                 break  # absent, or on disk and not being read: prefilled
             where.append(state if everywhere else "reading")
             sizes.append(self.ssd.file_bytes(block_id) or self.cost.block_bytes)
@@ -361,15 +362,23 @@ class PrefixCache:
             self.ram.touch(block_id)
 
     def calibrate(self, nbytes: int = 16 << 20) -> None:
-        """Measure what a copy on the device costs per byte: restoring a block held in memory."""
+        """Measure what restoring a block costs per byte: from the device (a RAM-tier block: one
+        copy), and from host memory (a block read from SSD: the upload `blockfile.to_block`
+        makes, then the copy)."""
         x = mx.zeros((nbytes // 4,), dtype=mx.float32)
+        host = np.ones(nbytes, dtype=np.uint8)
         mx.eval(x)
-        best = float("inf")
+        copy = upload = float("inf")
         for _ in range(3):
             started = time.perf_counter()
             mx.eval(mx.concatenate([x[: x.size // 2], x[x.size // 2 :]]))
-            best = min(best, time.perf_counter() - started)
-        self.cost.copy.add(best / nbytes)
+            copy = min(copy, time.perf_counter() - started)
+            started = time.perf_counter()
+            y = mx.array(host).view(mx.float32)
+            mx.eval(mx.concatenate([y[: y.size // 2], y[y.size // 2 :]]))
+            upload = min(upload, time.perf_counter() - started)
+        self.cost.copy.add(copy / nbytes)
+        self.cost.upload.add(upload / nbytes)
 
     # ---- admin ------------------------------------------------------------------------------
     def clear(self) -> None:

@@ -251,11 +251,14 @@ class SsdTier:
             self.on_reads_done(step)
 
     def state(self, block_id: bytes) -> str:
-        """Where a block is for a restore: "memory" (take() will have it), "reading" (prefetch in
-        flight), "disk" (not prefetched) or "absent"."""
+        """Where a block is for a restore: "memory" (queued for writing: take() has it on the
+        device), "staged" (read: take() has it in host memory), "reading" (prefetch in flight),
+        "disk" (not prefetched) or "absent"."""
         with self._lock:
-            if block_id in self._staged or block_id in self._pending:
+            if block_id in self._pending:
                 return "memory"
+            if block_id in self._staged:
+                return "staged"
             if block_id in self._inflight:
                 return "reading"
             return "disk" if block_id in self._index and self.enabled else "absent"

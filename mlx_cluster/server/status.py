@@ -167,7 +167,7 @@ class RankCacheGauges:
         ("dropped_writes_total", "dropped_writes", "SSD writes dropped because the write queue was full."),
         ("corrupt_total", "corrupt", "SSD tier files that failed verification (deleted)."),
     )
-    COSTS = ("prefill_block_s", "memory_block_s", "ssd_block_s")
+    COSTS = ("prefill_block_s", "memory_block_s", "staged_block_s", "ssd_block_s")
 
     def __init__(self, registry, labels: list[str], prefix: str):
         self.tier = {
@@ -182,7 +182,8 @@ class RankCacheGauges:
         self.cost = Gauge(
             prefix + "cost_seconds",
             "The rank's measured cost of one block: prefill_block_s (recompute), memory_block_s (restore from "
-            "memory), ssd_block_s (read and verify from SSD). See docs/architecture.md, prefix cache costs.",
+            "memory on the device), staged_block_s (restore a block read from SSD: host to device), ssd_block_s "
+            "(read and verify from SSD). See docs/architecture.md, prefix cache costs.",
             labels + ["figure"],
             registry=registry,
         )
