@@ -110,8 +110,7 @@ def main() -> None:
             f"{1e3 * wall / tokens:.2f} ms/token"
         )
         lines.append(
-            "   per token (ms): "
-            + ", ".join(f"{k} {v:.2f} ({clock.calls[k]} calls)" for k, v in sorted(per.items()))
+            "   per token (ms): " + ", ".join(f"{k} {v:.2f} ({clock.calls[k]} calls)" for k, v in sorted(per.items()))
         )
         for label, ds in sorted(clock.durations.items()):
             ds = sorted(ds)
