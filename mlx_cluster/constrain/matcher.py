@@ -41,10 +41,7 @@ def ll_tokenizer(tokenizer, vocab_size: int):
 
             hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper wraps the HF one
             eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])
-            try:
-                found = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos)
-            except TypeError:  # llguidance before 1.7 takes one end-of-sequence id
-                found = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos[0])
+            found = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos)
             for dead in [k for k, (r, _) in _ll_tokenizers.items() if r() is None]:
                 del _ll_tokenizers[dead]
             _ll_tokenizers[key] = (weakref.ref(tokenizer), found)
