@@ -44,7 +44,8 @@ YAML
 }
 
 # A warm-up server run first, so page cache and compile caches favour no one (on CUDA the first
-# batch of 32 a machine ever runs compiles kernels for ~10 s: the warm-up takes that too).
+# batch of 32 a fresh machine runs stalled 10-12 s in two sessions, likely kernel compilation:
+# the warm-up takes that too).
 for run in ${RUNS:-warmup off ssd warm long}; do
   case $run in
     warmup) serve warmup false 8192 && { bench warmup-c1 1 2 99 "$input"; bench warmup-c32 32 32 98 "$input"; } ;;
