@@ -286,3 +286,4 @@ def test_warmup_times_a_whole_prefill_for_the_cost_model(loaded):
     cost = CostModel(block_size=16)
     cost.observe_prefill(tokens, seconds)
     assert cost.prefill_block_s() == pytest.approx(16 * seconds / tokens)
+    assert warmup(ex, token_id=0, prefill_tokens=0) is None  # no prefix cache to inform: no long prefills

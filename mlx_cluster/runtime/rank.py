@@ -239,7 +239,10 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
         speculator=speculator,
         microbatches=microbatch_count(cfg, ctx.layout),
     )
-    prefill_timing = warmup(executor, token_id=0)
+    from mlx_cluster.cache import supports_prefix_cache
+
+    # The timed prefills only inform the prefix cache's cost model: none without a prefix cache.
+    prefill_timing = warmup(executor, token_id=0, prefill_tokens=256 if supports_prefix_cache(loaded.model) else 0)
     executor.stats.__init__()
     if speculator is not None:
         speculator.reset_stats()
