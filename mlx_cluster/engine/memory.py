@@ -11,6 +11,13 @@ live grew: no Python object type, no MLX active memory. Two pools keep freed mem
   returned, and glibc's mmap threshold rises after large frees, moving more into the arenas).
   `malloc_trim(0)` hands the free pages of every arena back (8 to 13 MB measured per rank).
 
+Large frees are also kept from fragmenting the arenas in the first place: `fix_mmap_threshold()`
+(every rank, at start) pins glibc's mmap threshold at its 128 KB default, so larger blocks (most
+MLX arrays: KV, logits) are mapped and unmapped whole instead of being carved from an arena once
+the threshold has crept up after the model load freed big buffers (glibc raises it to the size
+of each large block freed, up to 32 MB). MLX's own buffer cache still recycles them between
+steps. MALLOC_MMAP_THRESHOLD_ in the rank's environment (`cluster.env`) overrides it.
+
 So when a step's plan says the batch is idle after work, every rank clears MLX's cache and trims
 the heap: at most once per `min_interval_s`, never while a sequence runs (a new request pays for
 its buffers again, which on the CPU backend is what every step already does). Neither changes
@@ -38,6 +45,28 @@ def _libc_trim() -> Callable[[int], int] | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's default, kept fixed
+
+
+def fix_mmap_threshold(environ=None) -> bool:
+    """Pin glibc's mmap threshold (see the module docstring); False where there is no glibc
+    or the environment already sets MALLOC_MMAP_THRESHOLD_ (glibc then read it at start)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
 
 def _clear_mlx_cache() -> None:
