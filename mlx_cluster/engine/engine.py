@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mlx_cluster.engine.executor import Executor
 from mlx_cluster.engine.frontend import Frontend
+from mlx_cluster.engine.memory import IdleReclaimer
 from mlx_cluster.engine.plan import StepPlan
 from mlx_cluster.engine.trace import StepTrace
 
@@ -41,7 +42,13 @@ class StepTimer:
 
 class Engine:
     def __init__(
-        self, executor: Executor, bus, frontend: Frontend | None, heartbeat_s: float, trace: StepTrace | None = None
+        self,
+        executor: Executor,
+        bus,
+        frontend: Frontend | None,
+        heartbeat_s: float,
+        trace: StepTrace | None = None,
+        reclaim_idle: bool = True,
     ):
         self.executor = executor
         self.bus = bus
@@ -58,6 +65,8 @@ class Engine:
         self.last_work_s = 0.0
         self._phase_at = time.perf_counter()
         self.models = None  # engine/models.py ModelSet when several models are served
+        # Freed memory goes back to the OS once the batch is idle (engine/memory.py).
+        self.reclaimer = IdleReclaimer() if reclaim_idle else None
 
     def step(self) -> StepPlan:
         started = time.perf_counter()
@@ -118,6 +127,8 @@ class Engine:
         self.last_work_s = self.timer.last_step_s - self.last_phase_s.get("bus", 0.0)  # without the plan wait
         self.step_index = plan.step + 1
         self.idle = plan.idle
+        if self.reclaimer is not None:
+            self.reclaimer.after_step(plan.idle)  # every rank runs the same plans: all reclaim together
 
     def run(self) -> None:
         """Loop until a shutdown plan has been executed."""

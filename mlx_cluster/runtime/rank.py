@@ -394,6 +394,9 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from mlx_cluster.engine.memory import fix_mmap_threshold
+
+    fix_mmap_threshold()  # large MLX arrays are unmapped when freed, not left to fragment the heap
     config = config_from_json(os.environ["MLX_CLUSTER_CONFIG"])
     rank = int(os.environ.get("MLX_RANK", "0"))
     world_size = int(os.environ.get("MLX_CLUSTER_WORLD_SIZE", "1"))
