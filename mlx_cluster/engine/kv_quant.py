@@ -307,44 +307,46 @@ def _head_dims(model) -> list[int]:
     return sorted({x.shape[-1] for c in probe for x in (c.keys, c.values)})
 
 
-def unsupported_reason(model, live: LiveKV) -> str | None:
-    """Why this model's attention cannot run on a quantized live cache, or None when it can.
-
-    Needs plain per-layer KVCaches (no rotating, SSM or chunked ones) and attention that reads
-    mlx-lm's quantized cache. The latter is probed: one prefill and one decode step on a quantized
-    batch cache. MLA (deepseek_v3) does matrix products on the cache's contents and fails;
-    attention sinks (gpt_oss) are refused by mlx-lm's quantized attention.
-    """
-    caches = make_prompt_cache(model)
-    kinds = {type(c).__name__ for c in caches}
+def cache_kind_reason(model) -> str | None:
+    """Why this model's KV cache cannot be quantized live (not plain per-layer KVCaches: rotating,
+    SSM or chunked ones), or None."""
+    kinds = {type(c).__name__ for c in make_prompt_cache(model)}
     if kinds != {KVCache.__name__}:
         return f"its KV cache is not plain per-layer KVCache ({', '.join(sorted(kinds))})"
-    error = attention_error(model, live)
-    return None if error is None else f"its attention cannot read a quantized cache ({error})"
+    return None
 
 
 def attention_error(model, live: LiveKV) -> str | None:
-    """The probe: one prefill and one decode step on a quantized batch cache; the error, if any."""
+    """The probe: one prefill and one decode step on a quantized batch cache; the error, if any.
+
+    The model's own attention decides: MLA (deepseek_v3) does matrix products on the cache's
+    contents and fails; attention sinks (gpt_oss) are refused by mlx-lm's quantized attention;
+    mlx's CUDA kernels refuse strided views (the module docstring).
+    """
     try:
         caches = [BatchQuantizedKVCache.merge([c]) for c in live.empty_caches(len(make_prompt_cache(model)))]
         mx.eval(model(mx.array([[0, 0]]), cache=caches))
         mx.eval(model(mx.array([[0]]), cache=caches))
-    except Exception as e:  # the model's own attention code decides; any failure means no
+    except Exception as e:  # any failure means no
         return f"{type(e).__name__}: {e}"
     return None
 
 
-def with_contiguous_reads(model, live: LiveKV) -> LiveKV | None:
-    """`live` with contiguous reads when the backend needs them and they work, else None."""
+def readable_live_kv(model, live: LiveKV) -> tuple[LiveKV | None, str | None]:
+    """`live` as this backend's attention can read it: as it is, else with contiguous reads
+    (logged); or (None, the first probe's error)."""
+    error = attention_error(model, live)
+    if error is None:
+        return live, None
     fallback = replace(live, contiguous_reads=True)
     if attention_error(model, fallback) is not None:
-        return None
+        return None, error
     log.info(
         "live KV cache: this backend's quantized attention needs contiguous operands; each attention reads "
         "a contiguous copy of its layer's %d-bit cache (more memory traffic per step, the same capacity)",
         live.bits,
     )
-    return fallback
+    return fallback, None
 
 
 def resolve_live_kv(cache_cfg, model) -> LiveKV | None:
@@ -367,13 +369,12 @@ def resolve_live_kv(cache_cfg, model) -> LiveKV | None:
             reason = f"its head dims {dims} do not split into one quantization group (32, 64 or 128)"
         else:
             live = LiveKV(bits, groups.pop())
-    reason = reason or unsupported_reason(model, live or LiveKV(bits, cache_cfg.kv_group_size))
-    if reason is not None and live is not None and "cannot read a quantized cache" in reason:
-        contiguous = with_contiguous_reads(model, live)
-        if contiguous is not None:
-            return contiguous
-    if reason is None:
-        return live
+    reason = reason or cache_kind_reason(model)
+    if reason is None:  # plain caches with one group: `live` is set
+        usable, error = readable_live_kv(model, live)
+        if usable is not None:
+            return usable
+        reason = f"its attention cannot read a quantized cache ({error})"
     if setting == "auto":
         log.warning(
             "live KV cache stays at full precision: %s; cache.kv_bits=%d still applies to stored prefix blocks "
