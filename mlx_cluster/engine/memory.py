@@ -35,12 +35,18 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
+def _libc_function(name: str):
+    """A function of the C library, or None where it has none (malloc_trim and mallopt are glibc's)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def _libc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -59,10 +65,8 @@ def fix_mmap_threshold(environ=None) -> bool:
     environ = os.environ if environ is None else environ
     if "MALLOC_MMAP_THRESHOLD_" in environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -107,7 +111,6 @@ class IdleReclaimer:
         self._busy = False  # some step ran work since the last reclaim
         self._last = -float("inf")
         self.reclaims = 0
-        self.released_kb = 0  # RSS given back, summed over reclaims
 
     def after_step(self, idle: bool) -> bool:
         """Reclaim when the batch is idle after work, unless the last reclaim was too recent (the
@@ -129,6 +132,4 @@ class IdleReclaimer:
         self._busy = False
         self._last = self.clock()
         self.reclaims += 1
-        released = max(0, before - rss_kb())
-        self.released_kb += released
-        log.debug("idle: released %d KB in %.1f ms", released, (time.perf_counter() - started) * 1e3)
+        log.debug("idle: released %d KB in %.1f ms", max(0, before - rss_kb()), (time.perf_counter() - started) * 1e3)
