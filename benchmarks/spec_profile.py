@@ -3,13 +3,16 @@
 Runs greedy generation of repetitive prompts with n-gram speculation off and on through the
 engine's executor in process, and splits each mode's wall time into:
 
-  build    host time inside the model's forward call (building the graph; nothing waits)
-  wait     host time inside mx.eval / .tolist() / .item() (the device finishing queued work)
-  other    everything else on the host (sampling setup, n-gram lookup, cache trims, emit)
+  build     host time inside the model's forward call (building the graph; nothing waits)
+  wait      host time inside mx.eval (MLX encodes and launches kernels, then the device finishes)
+  propose / rollback / emit   the speculative step's own bookkeeping
+  spec step the whole Speculator.step (None when it lets a plain step run), verify step its verify
 
 A plain step overlaps the next step's build with the device (mlx-lm's async pipelining), so
 its "wait" hides build; a verify step is synchronous, so its build and other are added to the
-device time. Prints per-token figures and the top functions by own time (cProfile).
+device time. Then, for the same single sequence, a synchronous forward of each width W (what a
+verify of W - 1 proposals runs), split into build and eval. --cprofile adds the top functions
+by own time (it slows Python-heavy steps, so the timings above are taken without it).
 
     python3 benchmarks/spec_profile.py --model /tmp/mlxc-8b --max-tokens 256 --out /tmp/res/spec_profile.txt
 """
@@ -30,6 +33,7 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_cluster.cache.testing import generate, make_executor  # noqa: E402
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
+from mlx_cluster.engine.plan import NewSequence, SamplingParams, StepPlan  # noqa: E402
 from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
 
 
@@ -67,6 +71,8 @@ def main() -> None:
     ap.add_argument("--num-tokens", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 5, 8])
+    ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -85,8 +91,11 @@ def main() -> None:
     model_call = type(model).__call__
     type(model).__call__ = clock.wrap("build", model_call)  # every forward, plain or verify
     mx.eval = clock.wrap("wait", mx.eval)
-    verify = Speculator._verify
-    Speculator._verify = clock.wrap("verify step", verify)
+    Speculator._verify = clock.wrap("verify step", Speculator._verify)
+    Speculator.step = clock.wrap("spec step", Speculator.step)
+    Speculator._rollback = staticmethod(clock.wrap("rollback", Speculator._rollback))
+    Speculator._emit = staticmethod(clock.wrap("emit", Speculator._emit))
+    speculator.proposer.propose = clock.wrap("propose", speculator.proposer.propose)
 
     for mode in ("off", "on"):
         ex = make_executor(loaded, None, max_batch_size=1, speculator=speculator if mode == "on" else None)
@@ -94,20 +103,24 @@ def main() -> None:
             generate(ex, [p], args.max_tokens)
         clock.spent.clear(), clock.calls.clear(), clock.durations.clear()
         speculator.reset_stats()
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile() if args.cprofile else None
+        steps0 = ex.stats.steps
         t0 = time.perf_counter()
         tokens = 0
-        profiler.enable()
+        if profiler:
+            profiler.enable()
         for p in prompts:
             [r] = generate(ex, [p], args.max_tokens)
             tokens += len(r.tokens)
-        profiler.disable()
+        if profiler:
+            profiler.disable()
+        steps = ex.stats.steps - steps0
         wall = time.perf_counter() - t0
         per = {k: 1e3 * v / tokens for k, v in clock.spent.items()}
         s = speculator.stats
         lines.append(
             f"\n== speculation {mode}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s, "
-            f"{1e3 * wall / tokens:.2f} ms/token"
+            f"{1e3 * wall / tokens:.2f} ms/token, {steps} steps ({1e3 * wall / steps:.2f} ms/step)"
         )
         lines.append(
             "   per token (ms): " + ", ".join(f"{k} {v:.2f} ({clock.calls[k]} calls)" for k, v in sorted(per.items()))
@@ -123,14 +136,63 @@ def main() -> None:
                 f"   verify steps {s.spec_steps}, accepted per verify {s.mean_acceptance_length:.2f}, "
                 f"acceptance {s.acceptance_rate:.2f}"
             )
-        buf = io.StringIO()
-        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
-        lines.append(buf.getvalue())
+        if profiler:
+            buf = io.StringIO()
+            pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+            lines.append(buf.getvalue())
+    if args.widths:
+        lines += width_costs(loaded, prompts[0], args.widths)
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+
+
+def width_costs(loaded, prompt: list[int], widths: list[int], repeats: int = 20) -> list[str]:
+    """Median host build and eval time of one synchronous forward of each width, one sequence,
+    on the served batch's cache (a BatchKVCache after a prefill), trimmed back after each."""
+    from mlx_cluster.engine.executor import Executor
+
+    ex = Executor(
+        loaded.model, vocab_size=loaded.config["vocab_size"], max_batch_size=1, prefill_batch_size=1, prefill_chunk=512
+    )
+    ex.apply(
+        StepPlan(
+            step=0,
+            new=(
+                NewSequence(
+                    seq_id=1,
+                    prompt=tuple(prompt * 8),
+                    params=SamplingParams(max_tokens=10_000, seed=0, temperature=0.0),
+                ),
+            ),
+        )
+    )
+    for _ in range(4):
+        ex.step()
+    batch = ex.generator._generation_batch
+    mx.eval(batch._next_tokens)
+    model, caches = loaded.model, batch.prompt_cache
+    lines = ["\n== one synchronous forward of width W (what a verify of W-1 proposals runs), median ms"]
+    for w in widths:
+        x = mx.array([[prompt[0]] * w], dtype=mx.uint32)
+        builds, evals = [], []
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            logits = model(x, cache=caches)
+            t1 = time.perf_counter()
+            mx.eval(logits)
+            t2 = time.perf_counter()
+            for c in caches:
+                c.trim(w)
+            if i >= 3:  # the first ones compile and allocate
+                builds.append(t1 - t0)
+                evals.append(t2 - t1)
+        b, e = sorted(builds)[len(builds) // 2], sorted(evals)[len(evals) // 2]
+        lines.append(f"   W={w}: build {1e3 * b:.2f}  eval {1e3 * e:.2f}  total {1e3 * (b + e):.2f}")
+    ex.close()
+    return lines
 
 
 if __name__ == "__main__":

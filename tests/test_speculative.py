@@ -21,7 +21,15 @@ import pytest
 from mlx_cluster.cache.testing import load_tiny, make_executor, random_prompt
 from mlx_cluster.config import ConfigError, SpeculativeSection, parse_config
 from mlx_cluster.engine.plan import NewSequence, SamplingParams, StepPlan
-from mlx_cluster.engine.speculate import DraftModelError, NgramProposer, Speculator, make_speculator, ngram_lookup
+from mlx_cluster.engine.speculate import (
+    DraftModelError,
+    NgramIndex,
+    NgramProposer,
+    Proposer,
+    Speculator,
+    make_speculator,
+    ngram_lookup,
+)
 
 _ids = itertools.count(1000)
 N = 32
@@ -49,7 +57,7 @@ def repetitive_prompts(count: int) -> list[list[int]]:
     return [[100 + 37 * i] * 48 for i in range(count)]
 
 
-class ScriptedProposer:
+class ScriptedProposer(Proposer):
     """Proposes each request's known plain continuation, with every third proposal's last token wrong."""
 
     def __init__(self, truths: list[tuple[list[int], list[int]]]):
@@ -66,9 +74,6 @@ class ScriptedProposer:
                 guess[-1] = (guess[-1] + 1) % 2000
             out.append(guess)
         return out
-
-    def forget(self, live):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +106,63 @@ def test_ngram_lookup_prefers_the_longest_latest_match_and_extends_loops():
     assert ngram_lookup([5, 6, 5, 6], 5, 2, 4) == [5, 6, 5, 6, 5]  # a loop, copied forward
     assert ngram_lookup([1, 2, 3, 4], 3, 2, 4) == []
     assert ngram_lookup([7, 1, 2, 8, 3, 1, 2], 2, 2, 2) == [8, 3]
+
+
+def scan_lookup(tokens, k, n_min, n_max):
+    """The definition, by brute force: latest earlier occurrence of the longest suffix."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                out = []
+                for j in range(k):
+                    i = start + n + j
+                    out.append(tokens[i] if i < len(tokens) else out[i - len(tokens)])
+                return out
+    return []
+
+
+def test_the_incremental_index_finds_what_a_full_scan_finds():
+    import random
+
+    rng = random.Random(0)
+    for trial in range(40):
+        n_min = rng.randint(1, 3)
+        n_max = rng.randint(n_min, 5)
+        index = NgramIndex(n_min, n_max)
+        tokens = []
+        for _ in range(120):  # a row growing a token (or an accepted run) at a time
+            tokens = tokens + [rng.randrange(6) for _ in range(rng.choice((1, 1, 3)))]
+            k = rng.randint(1, 5)
+            assert index.lookup(tokens, k) == scan_lookup(tokens, k, n_min, n_max), (trial, tokens)
+        other = [9, 9, 1, 2, 9, 9]  # not an extension of what it indexed: indexed afresh
+        assert index.lookup(other, 2) == scan_lookup(other, 2, n_min, n_max)
+
+
+class PendingOnDevice:
+    """A batch whose pending tokens must not be read (reading them would drain the pipeline)."""
+
+    def __init__(self, tokens):
+        self.uids, self.tokens = [1], [tokens]
+        self.prompt_cache = []
+        self.samplers = [type("Row", (), {"constraint": None})()]
+        self.logits_processors = [None]
+        self.max_tokens, self._num_tokens = [100], [0]
+
+    @property
+    def _next_tokens(self):
+        raise AssertionError("the step waited for the pending tokens")
+
+
+def test_a_row_whose_known_tokens_promise_nothing_costs_no_wait_and_no_back_off():
+    speculator = Speculator(NgramProposer(2, 4), 4, 8)
+    batch = PendingOnDevice([5, 6, 7, 8, 9, 10])  # no n-gram recurs
+    for _ in range(3):
+        assert speculator.step(batch) is None
+        assert speculator._rows[1].wait == 0  # looks again on the very next step
+    batch.tokens = [[5, 6, 7, 5, 6, 7]]  # (6, 7) recurs: worth waiting for the pending token
+    with pytest.raises(AssertionError, match="waited"):
+        speculator.step(batch)
 
 
 def test_config_section_is_validated_with_the_key_named():
