@@ -18,7 +18,7 @@ BLOCK = 1 << 20  # bytes per block in these examples
 def model(prefill_s_per_token=None, copy_s_per_byte=0.0, read_s_per_byte=None, upload_s_per_byte=None) -> CostModel:
     m = CostModel(BS, BLOCK)
     if prefill_s_per_token is not None:
-        m.prefill.add(prefill_s_per_token)
+        m.observe_prefill(1000, 1000 * prefill_s_per_token)
     m.copy.add(copy_s_per_byte)
     if upload_s_per_byte is not None:
         m.upload.add(upload_s_per_byte)
@@ -76,12 +76,41 @@ def test_unmeasured_costs_presume_the_tier_helps_for_a_bounded_time():
     assert model(prefill_s_per_token=1e-3).plan(["reading"]).wait_s == UNMEASURED_WAIT_S
 
 
-def test_prefill_samples_from_tiny_chunks_are_ignored():
+def test_prefill_cost_is_the_margin_not_the_fixed_cost_of_a_forward():
+    """GPU-like: every forward costs 14 ms of host work whatever its size, each token 0.1 ms more.
+    Warm requests prefill one-block tails; charging their 14 ms to 16 tokens made SSD reads look
+    cheaper than recomputing (measured on an H200: 1.92x TTFT). The fitted margin does not."""
     m = CostModel(BS, BLOCK)
-    m.observe_prefill(3, 1.0)
+    m.ssd_read = Ewma()
+    m.ssd_read.add(1.5e-3 / BLOCK)  # 1.5 ms to read and verify a block
+    m.upload.add(1.0e-3 / BLOCK)  # 1.0 ms to upload it
+    for tokens in (32, 256):  # the start-up warm-up's two sizes
+        m.observe_prefill(tokens, 0.014 + 1e-4 * tokens)
+    for _ in range(30):  # then warm requests: one-block tails after a restore
+        m.observe_prefill(16, 0.014 + 1e-4 * 16)
+    assert m.prefill.value == pytest.approx(1e-4)
+    assert m.prefill.fixed_s == pytest.approx(0.014)
+    assert m.reads_pay() is False  # 2.5 ms to read and upload a block, 1.6 ms to prefill it
+    assert m.plan(["reading"] * 4).wait_s == 0.0  # not worth holding a request for
+    assert m.plan(["staged"] * 4).blocks == 4  # already read: uploading (1 ms) still beats 1.6 ms
+    for _ in range(1000):  # hours of one-block tails: the long prefills are not forgotten
+        m.observe_prefill(16, 0.014 + 1e-4 * 16)
+    assert m.prefill.value == pytest.approx(1e-4)
+    ratio = CostModel(BS, BLOCK)  # what seconds / tokens said: 0.97 ms per token
+    ratio.observe_prefill(16, 0.014 + 1e-4 * 16)
+    assert ratio.prefill_block_s() == pytest.approx(16 * (0.014 + 1.6e-3) / 16)
+
+
+def test_prefill_fit_falls_back_to_the_ratio_without_a_spread_of_sizes():
+    m = CostModel(BS, BLOCK)
+    assert m.prefill.value is None and m.prefill.fixed_s is None
+    m.observe_prefill(0, 1.0)  # nothing prefilled: no sample
     assert m.prefill.value is None
     m.observe_prefill(64, 0.064)
+    m.observe_prefill(64, 0.064)
     assert m.prefill_block_s() == pytest.approx(0.016)
+    m.observe_prefill(70, 0.050)  # noise that would make the slope negative
+    assert m.prefill.value > 0
 
 
 class FakeCache:
@@ -280,10 +309,12 @@ def test_warmup_times_a_whole_prefill_for_the_cost_model(loaded):
     from mlx_cluster.engine.executor import warmup
 
     ex = make_executor(loaded, None)
-    tokens, seconds = warmup(ex, token_id=0, prefill_tokens=64)
-    assert tokens >= 64 and seconds > 0
+    timings = warmup(ex, token_id=0, prefill_tokens=64)
+    assert [tokens for tokens, _ in timings] == [8, 64]  # two sizes: the fixed cost and the margin
+    assert all(seconds > 0 for _, seconds in timings)
     assert not ex.active and ex.digest == 0
     cost = CostModel(block_size=16)
-    cost.observe_prefill(tokens, seconds)
-    assert cost.prefill_block_s() == pytest.approx(16 * seconds / tokens)
-    assert warmup(ex, token_id=0, prefill_tokens=0) is None  # no prefix cache to inform: no long prefills
+    for tokens, seconds in timings:
+        cost.observe_prefill(tokens, seconds)
+    assert cost.prefill.samples == 2 and cost.prefill_block_s() > 0
+    assert warmup(ex, token_id=0, prefill_tokens=0) == []  # no prefix cache to inform: no long prefills

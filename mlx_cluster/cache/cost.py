@@ -7,7 +7,10 @@ tokens/s, so re-reading 2 MB of KV per 16 tokens from disk loses to recomputing 
 prefilling ~1k tokens/s wins big from the same read (numbers in docs/benchmarks.md).
 
 Each rank measures, online:
-* `prefill`: seconds per prompt token, from every prefill chunk the batcher runs (decode.py),
+* `prefill`: seconds per prompt token at the margin, from every prefill the batcher runs alone
+  (decode.py), fitted as a line (`PrefillFit`): a restore shortens a prefill, it does not
+  remove it, so the fixed cost of a forward (~10 ms of host work on a GPU, whatever the token
+  count) is paid either way and must not be charged to the restored tokens,
 * `copy`: seconds per byte to turn an in-memory block into KV on the device (calibrated at start),
 * `upload`: seconds per byte to turn a block read from SSD (host bytes) into KV on the device
   (calibrated at start): a memcpy on a Mac's unified memory, a host-to-device transfer on a
@@ -38,6 +41,63 @@ class Ewma:
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
 
 
+class PrefillFit:
+    """Prefill time as fixed + per_token x tokens, fitted online; `value` is per_token, the
+    marginal cost.
+
+    Why a line and not seconds / tokens: after a restore only the prompt's tail is prefilled,
+    often one block. On an H200 with the 8b preset such short prefills, nearly all fixed host
+    cost, made the ratio 0.88 ms per token, about six times the margin of the same server's
+    cold prompts (~0.14 ms): SSD reads then looked far cheaper than recomputing and slowed every
+    warm request (measured: 1.92x TTFT).
+
+    Samples go to buckets by size (powers of two), each an exponentially weighted mean of its
+    tokens and seconds, and the line is fitted through the buckets' means. Buckets keep the
+    spread of sizes: a server whose warm requests only prefill one-block tails for hours still
+    remembers what its long prefills cost (one decaying fit over all samples would forget them
+    and drift back to the ratio). With one bucket only, or a slope that noise made
+    non-positive, `value` is the ratio of the means.
+    """
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.samples = 0
+        self._buckets: dict[int, tuple[Ewma, Ewma]] = {}  # log2(tokens) -> (tokens, seconds) means
+
+    def add(self, tokens: int, seconds: float) -> None:
+        x, y = self._buckets.setdefault(tokens.bit_length(), (Ewma(self.alpha), Ewma(self.alpha)))
+        x.add(tokens)
+        y.add(seconds)
+        self.samples += 1
+
+    def _fit(self) -> tuple[float, float] | None:
+        """(per_token, fixed_s) through the buckets' means (None until the first sample)."""
+        points = [(x.value, y.value) for x, y in self._buckets.values()]
+        if not points:
+            return None
+        n = len(points)
+        mean_x = sum(x for x, _ in points) / n
+        mean_y = sum(y for _, y in points) / n
+        var = sum((x - mean_x) ** 2 for x, _ in points)
+        if n > 1 and var > 0:
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+            if slope > 0:
+                return slope, max(0.0, mean_y - slope * mean_x)
+        return mean_y / mean_x, 0.0
+
+    @property
+    def value(self) -> float | None:
+        """Seconds per prompt token at the margin (None until the first sample)."""
+        fit = self._fit()
+        return None if fit is None else fit[0]
+
+    @property
+    def fixed_s(self) -> float | None:
+        """The fitted cost of a prefill of no tokens (what a restore cannot save)."""
+        fit = self._fit()
+        return None if fit is None else fit[1]
+
+
 UNMEASURED_WAIT_S = 1.0  # how long a request may wait for a prefetch before any cost is known
 
 
@@ -54,16 +114,16 @@ class CostModel:
     def __init__(self, block_size: int, block_bytes: int = 0):
         self.block_size = block_size
         self.block_bytes = block_bytes  # bytes of one block on this rank (set once the shapes are known)
-        self.prefill = Ewma()  # seconds per prompt token
+        self.prefill = PrefillFit()  # seconds per prompt token, at the margin
         self.copy = Ewma()  # seconds per byte, memory -> KV on the device
         self.upload = Ewma()  # seconds per byte, host bytes (an SSD read) -> KV on the device
         self.ssd_read = None  # the SSD tier's Ewma (seconds per byte), when it has one
 
     # ---- measurements ------------------------------------------------------------------
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """A prefill chunk of `tokens` prompt tokens took `seconds` (small chunks are noise)."""
-        if tokens >= 16 and seconds > 0:
-            self.prefill.add(seconds / tokens)
+        """A prefill of `tokens` prompt tokens took `seconds` (small ones pin the fixed cost)."""
+        if tokens > 0 and seconds > 0:
+            self.prefill.add(tokens, seconds)
 
     # ---- figures -----------------------------------------------------------------------
     def prefill_block_s(self) -> float | None:
@@ -128,6 +188,7 @@ class CostModel:
         return {
             "prefill_s_per_token": self.prefill.value,
             "prefill_samples": self.prefill.samples,
+            "prefill_fixed_s": self.prefill.fixed_s,
             "copy_s_per_byte": self.copy.value,
             "upload_s_per_byte": self.upload.value,
             "ssd_read_s_per_byte": self.ssd_read.value if self.ssd_read is not None else None,

@@ -209,27 +209,31 @@ class Executor:
 _GREEDY_ONE = SamplingParams(max_tokens=2, seed=0, temperature=0.0)
 
 
-def warmup(executor: Executor, token_id: int, prefill_tokens: int = 256) -> tuple[int, float] | None:
+def warmup(executor: Executor, token_id: int, prefill_tokens: int = 256) -> list[tuple[int, float]]:
     """Run tiny greedy generations end to end so compile and allocation costs happen now.
 
-    Returns (tokens, seconds) of the fastest of two `prefill_tokens`-token prefills, which the
-    prefix cache's cost model starts from (cache/cost.py). Without it a server whose every
-    request hits the cache never prefills a block and never learns what a restore must beat:
-    an H200 then restored from SSD what it could recompute faster (measured: 1.34x TTFT).
-    `prefill_tokens=0` (no prefix cache to inform) skips them.
+    Returns (tokens, seconds) of timed prefills of two sizes, `prefill_tokens` / 8 and
+    `prefill_tokens` (the faster of two runs each), which the prefix cache's cost model fits its
+    prefill line to (cache/cost.py): two sizes separate the per-token cost from the fixed cost
+    of a forward. Without them a server whose every request hits the cache never prefills a
+    whole prompt and never learns what a restore must beat: an H200 then restored from SSD what
+    it could recompute faster (measured: 1.34x TTFT). `prefill_tokens=0` (no prefix cache to
+    inform) skips them and returns [].
     """
     timings: list[tuple[int, float]] = []
-    long = [(token_id,) * (prefill_tokens + 1)] * 2 if prefill_tokens else []
+    sizes = (prefill_tokens // 8, prefill_tokens) if prefill_tokens else ()
+    timed = [(token_id,) * (n + 1) for n in sizes for _ in range(2)]
     executor.generator.set_prefill_meter(lambda tokens, seconds: timings.append((tokens, seconds)))
     try:
-        for n, prompt in enumerate(((token_id, token_id), *long)):
+        for n, prompt in enumerate(((token_id, token_id), *timed)):
             _run_one(executor, NewSequence(seq_id=(1 << 63) + n, prompt=prompt, params=_GREEDY_ONE))
     finally:
         executor.generator.set_prefill_meter(None)
     executor.digest = 0
     mx.synchronize()
-    timed = [t for t in timings if t[0] >= prefill_tokens] if prefill_tokens else []
-    return min(timed, key=lambda t: t[1]) if timed else None
+    return [
+        min((t for t in timings if t[0] == n), key=lambda t: t[1]) for n in sizes if any(t[0] == n for t in timings)
+    ]
 
 
 def _run_one(executor: Executor, seq: NewSequence) -> None:

@@ -248,9 +248,13 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
         speculator.reset_stats()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
-    if prefix_cache is not None and prefill_timing is not None:
-        prefix_cache.cost.observe_prefill(*prefill_timing)  # what a restore must beat, from the first request on
-        log.info("prefill measured at start: %d tokens in %.1f ms", prefill_timing[0], prefill_timing[1] * 1e3)
+    if prefix_cache is not None and prefill_timing:
+        for tokens, seconds in prefill_timing:  # what a restore must beat, from the first request on
+            prefix_cache.cost.observe_prefill(tokens, seconds)
+        log.info(
+            "prefill measured at start: %s",
+            ", ".join(f"{tokens} tokens in {seconds * 1e3:.1f} ms" for tokens, seconds in prefill_timing),
+        )
     adapters = attach_adapters(executor, loaded.model, layouts, ctx.group, cfg, prefix_cache)
     return ServedModel(loaded, executor, prefix_cache, adapters, speculator, vocab_size, budget)
 
