@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
-from mlx_cluster.engine.decode import RowSampling, _needs_sort, _RowArrays, _sample_plain, _sample_sorted
+from mlx_cluster.engine.decode import (
+    RowSampling,
+    _needs_sort,
+    _RowArrays,
+    _sample_plain,
+    _sample_sorted,
+    _uniform,
+)
 from mlx_cluster.engine.executor import TokenOutput
 from mlx_cluster.engine.frontend import DoneEvent, ErrorEvent, Frontend, GenerationRequest, TokenEvent
 from mlx_cluster.engine.output import TextAssembler
@@ -283,6 +291,21 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows():
     batch = mx.repeat(ROW, 2, axis=0)
     greedy, sampled = sample_batch([params(temperature=0.0), params(seed=3, temperature=1.5)], batch, 40)
     assert set(greedy) == {0} and len(set(sampled)) > 2
+
+
+def test_the_noise_is_finite_for_every_hash_so_a_masked_token_is_never_drawn():
+    """float32 rounded the top uniform draw to 1.0 and its noise to +inf: one draw in 2**24 won
+    the argmax whatever its probability, grammar mask or not (a strict tool call came back broken)."""
+    u = _uniform(mx.array([0, 1, 0x7FFFFFFF, 0xFFFFFE00, 0xFFFFFFFF], dtype=mx.uint32))
+    assert mx.all((u > 0) & (u < 1)).item()
+    assert mx.all(mx.isfinite(-mx.log(-mx.log(u)))).item()
+    # seed 0, token counter 20: the hash of vocabulary id 203,550 was the one that became +inf.
+    vocab = 1 << 20
+    only = mx.where(mx.arange(vocab) == 5, 0.0, -math.inf)[None, :]
+    a = _RowArrays.of([RowSampling(params(seed=0, temperature=1.0), vocab)])
+    a.counter = mx.array([20], dtype=mx.uint32)
+    token = _sample_plain(only, a.inv_temp, a.greedy, a.top_p, a.top_k, a.min_p, a.seed_lo, a.seed_hi, a.counter)
+    assert token.item() == 5
 
 
 @pytest.mark.parametrize("temperature", [1e-20, 1e-40, 1e-300])

@@ -64,8 +64,20 @@ def _gumbel(seed_lo: mx.array, seed_hi: mx.array, counter: mx.array, vocab: int)
     row = _fmix(seed_lo ^ _fmix(seed_hi ^ _fmix(counter * mx.array(_GOLDEN, dtype=mx.uint32))))
     ids = mx.arange(vocab, dtype=mx.uint32) * mx.array(_GOLDEN, dtype=mx.uint32)
     bits = _fmix(row[:, None] ^ ids[None, :])
-    u = ((bits >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
-    return -mx.log(-mx.log(u))
+    return -mx.log(-mx.log(_uniform(bits)))
+
+
+def _uniform(bits: mx.array) -> mx.array:
+    """uint32 hash values -> float32 uniform in (0, 1), never 0 or 1, so the noise stays finite.
+
+    23 bits, not 24: ((bits >> 8) + 0.5) / 2**24 is 1 - 2**-25 at the top, which float32 rounds
+    to exactly 1.0, and -log(-log(1)) is +inf. An infinite score wins the argmax whatever the
+    token's probability, and a masked token's -inf plus +inf is NaN, which wins too: one draw
+    in 2**24 (about one sampled token in 128 on a 128k vocabulary) was a uniformly random
+    token, and constrained rows broke their grammar (found by a strict tool call that came back
+    as `{"name": "get_weather", stack`).
+    """
+    return ((bits >> 9).astype(mx.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def _sample(logprobs, inv_temp, greedy, top_p, top_k, min_p, seed_lo, seed_hi, counter, filtered: bool):
