@@ -9,7 +9,9 @@
 # Usage (CPU or GPU):  bash benchmarks/ssd_tier.sh [PRESET] [OUT_DIR]
 # Env: RANKS (1), INPUT (512), OUTPUT (128), N1 (8), N32 (96), LONG (8192), BACKEND (ring),
 # SSD_GB (auto; give room for every prompt's blocks, or the warm run is partly cold),
-# RUNS ("warmup off ssd warm long": a subset, in the order given; warm needs ssd before it).
+# RUNS ("warmup off ssd warm long": a subset, in the order given; warm needs ssd before it),
+# REPEATS (1): more rounds of REPEAT_RUNS ("off warm") after the first, files suffixed -r2, -r3 ..,
+# so off and warm alternate (ABAB) and the summary gives every round's ratio and their median.
 set -uo pipefail
 preset=${1:-8b}
 out=${2:-/tmp/ssd-tier}
@@ -46,16 +48,20 @@ YAML
 # A warm-up server run first, so page cache and compile caches favour no one (on CUDA the first
 # batch of 32 a fresh machine runs stalled 10-12 s in two sessions, likely kernel compilation:
 # the warm-up takes that too).
-for run in ${RUNS:-warmup off ssd warm long}; do
-  case $run in
-    warmup) serve warmup false 8192 && { bench warmup-c1 1 2 99 "$input"; bench warmup-c32 32 32 98 "$input"; } ;;
-    off) serve off false 8192 && { bench off-c1 1 "$n1" 1 "$input"; bench off-c32 32 "$n32" 2 "$input"; bench off-c1-ram 1 "$n1" 1 "$input"; } ;;
-    ssd) serve ssd true 8192 && { bench ssd-c1 1 "$n1" 1 "$input"; bench ssd-c32 32 "$n32" 2 "$input"; } ;;
-    warm) serve warm true 8192 && { bench warm-c1 1 "$n1" 1 "$input"; bench warm-c32 32 "$n32" 2 "$input"; } ;;
-    long) serve long false $((2 * long + 1024)) && { bench long-cold 1 4 3 "$long"; bench long-ram 1 4 3 "$long"; } ;;
-  esac
-  curl -s http://127.0.0.1:8111/admin/cache > "$out/$run-cache.json"  # per-rank cost figures and tier stats
-  stop $pid
+for round in $(seq 1 "${REPEATS:-1}"); do
+  runs=${RUNS:-warmup off ssd warm long} r=""
+  [ "$round" -gt 1 ] && runs=${REPEAT_RUNS:-off warm} r="-r$round"
+  for run in $runs; do
+    case $run in
+      warmup) serve warmup false 8192 && { bench warmup-c1 1 2 99 "$input"; bench warmup-c32 32 32 98 "$input"; } ;;
+      off) serve off$r false 8192 && { bench off-c1$r 1 "$n1" 1 "$input"; bench off-c32$r 32 "$n32" 2 "$input"; bench off-c1-ram$r 1 "$n1" 1 "$input"; } ;;
+      ssd) serve ssd$r true 8192 && { bench ssd-c1$r 1 "$n1" 1 "$input"; bench ssd-c32$r 32 "$n32" 2 "$input"; } ;;
+      warm) serve warm$r true 8192 && { bench warm-c1$r 1 "$n1" 1 "$input"; bench warm-c32$r 32 "$n32" 2 "$input"; } ;;
+      long) serve long$r false $((2 * long + 1024)) && { bench long-cold$r 1 4 3 "$long"; bench long-ram$r 1 4 3 "$long"; } ;;
+    esac
+    curl -s http://127.0.0.1:8111/admin/cache > "$out/$run$r-cache.json"  # per-rank cost figures and tier stats
+    stop $pid
+  done
 done
 grep -h "prefix cache\|SSD KV" "$out"/warm.log | head -5 | tee -a "$out/summary.txt"
 $py - "$out" <<'PY' | tee -a "$out/summary.txt"
@@ -64,11 +70,18 @@ d = pathlib.Path(sys.argv[1])
 def r(name):
     try: return json.loads((d / f"{name}.json").read_text())
     except Exception: return None
-def ratio(a, b, key, sub=None):
+def one(a, b, key, sub):
     ra, rb = r(a), r(b)
-    if not ra or not rb: return "n/a"
+    if not ra or not rb: return None
     va, vb = (ra[key][sub], rb[key][sub]) if sub else (ra[key], rb[key])
-    return f"{va / vb:.3f}x" if vb else "n/a"
+    return va / vb if vb else None
+def ratio(a, b, key, sub=None):
+    # Every round's ratio (round n's files end in -rn), then their median when there are several.
+    rounds = [one(a, b, key, sub)] + [one(f"{a}-r{n}", f"{b}-r{n}", key, sub) for n in range(2, 50)]
+    got = [x for x in rounds if x is not None]
+    if not got: return "n/a"
+    if len(got) == 1: return f"{got[0]:.3f}x"
+    return f"median {sorted(got)[len(got) // 2]:.3f}x of " + ", ".join(f"{x:.3f}" for x in got)
 print("warm SSD hits vs SSD off, c=1 TTFT p50:", ratio("warm-c1", "off-c1", "ttft_ms", "p50"), "(goal <= 1.05)")
 print("warm SSD hits vs SSD off, c=32 tok/s:  ", ratio("warm-c32", "off-c32", "output_throughput_tok_s"), "(goal >= 0.97)")
 print("SSD on (writing) vs off, c=32 TPOT p50:", ratio("ssd-c32", "off-c32", "tpot_ms", "p50"), "(goal <= 1.03)")
