@@ -231,9 +231,10 @@ def warmup(executor: Executor, token_id: int, prefill_tokens: int = 256) -> list
         executor.generator.set_prefill_meter(None)
     executor.digest = 0
     mx.synchronize()
-    return [
-        min((t for t in timings if t[0] == n), key=lambda t: t[1]) for n in sizes if any(t[0] == n for t in timings)
-    ]
+    fastest: dict[int, float] = {}
+    for tokens, seconds in timings:
+        fastest[tokens] = min(seconds, fastest.get(tokens, seconds))
+    return [(n, fastest[n]) for n in sizes if n in fastest]
 
 
 def _run_one(executor: Executor, seq: NewSequence) -> None:

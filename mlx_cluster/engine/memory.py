@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -60,8 +61,6 @@ MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's default, kept fixed
 def fix_mmap_threshold(environ=None) -> bool:
     """Pin glibc's mmap threshold (see the module docstring); False where there is no glibc
     or the environment already sets MALLOC_MMAP_THRESHOLD_ (glibc then read it at start)."""
-    import os
-
     environ = os.environ if environ is None else environ
     if "MALLOC_MMAP_THRESHOLD_" in environ:
         return False
@@ -89,8 +88,6 @@ def rss_kb() -> int:
 
 
 def _page_size() -> int:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE")
 
 

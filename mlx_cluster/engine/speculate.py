@@ -99,7 +99,7 @@ class _RowState:
 def ngram_lookup(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
     """Prompt lookup: find the latest earlier occurrence of the last n tokens (longest n first)
     and propose the k tokens that followed it, copied forward (so a loop of period p shorter
-    than k is extended, as LZ77 copies overlap). A one-off scan; rows use `NgramIndex`."""
+    than k is extended, as LZ77 copies overlap). A one-off lookup; rows keep their `NgramIndex`."""
     index = NgramIndex(n_min, n_max)
     return index.lookup(tokens, k)
 
@@ -116,7 +116,8 @@ class NgramIndex:
 
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
-        self._seen: list[int] = []  # the tokens indexed so far (a copy of the row's prefix)
+        self._size = 0  # length of the last context indexed
+        self._tail: list[int] = []  # its last n_max tokens, to check the next context extends it
         self._ends = 0  # n-grams ending before this position are in _last
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> start of its latest occurrence
 
@@ -139,16 +140,15 @@ class NgramIndex:
     def _catch_up(self, context: list[int]) -> None:
         """Index the n-grams that end before the context's last token (the lookup's own suffix
         must not find itself)."""
-        seen = len(self._seen)
-        if seen > len(context) or context[max(0, seen - self.n_max) : seen] != self._seen[max(0, seen - self.n_max) :]:
-            self._seen, self._ends, self._last = [], 0, {}  # not an extension: start over
-            seen = 0
-        self._seen.extend(context[seen:])
-        last, tokens = self._last, self._seen
-        for end in range(self._ends, len(context) - 1):  # n-grams tokens[end-n+1 .. end]
+        size = len(context)
+        if size < self._size or context[max(0, self._size - self.n_max) : self._size] != self._tail:
+            self._ends, self._last = 0, {}  # not an extension: start over
+        last = self._last
+        for end in range(self._ends, size - 1):  # n-grams context[end-n+1 .. end]
             for n in range(self.n_min, min(self.n_max, end + 1) + 1):
-                last[tuple(tokens[end - n + 1 : end + 1])] = end - n + 1
-        self._ends = max(self._ends, len(context) - 1)
+                last[tuple(context[end - n + 1 : end + 1])] = end - n + 1
+        self._ends = max(self._ends, size - 1)
+        self._size, self._tail = size, context[max(0, size - self.n_max) :]
 
 
 class Proposer:
