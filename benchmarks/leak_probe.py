@@ -49,13 +49,6 @@ _libc = ctypes.CDLL("libc.so.6")
 _libc.mallinfo2.restype = _Mallinfo2
 
 
-def rss_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def malloc_kb() -> dict:
     m = _libc.mallinfo2()
     return {"arena_kb": m.arena // 1024, "mmap_kb": m.hblkhd // 1024, "in_use_kb": m.uordblks // 1024}
@@ -63,6 +56,8 @@ def malloc_kb() -> dict:
 
 def snapshot(n_requests: int) -> dict:
     import mlx.core as mx
+
+    from mlx_cluster.engine.memory import rss_kb
 
     gc.collect()
     cur, _ = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
@@ -88,7 +83,7 @@ def main() -> None:
     feats = set(args.features.split(",")) - {""}
 
     from mlx_cluster import constrain
-    from mlx_cluster.cache.testing import cache_config, load_tiny, make_engine, run_requests
+    from mlx_cluster.cache.testing import cache_config, load_tiny, make_engine
     from mlx_cluster.config import SpeculativeSection
     from mlx_cluster.constrain import Answer, ConstraintSpec, GrammarCompiler
     from mlx_cluster.engine.frontend import DoneEvent, ErrorEvent, GenerationRequest
@@ -155,7 +150,6 @@ def main() -> None:
             engine.step()
             time.sleep(0.1)
 
-    _ = run_requests  # the same helper the tests use; waves here keep three in flight
     done = 0
     t0 = time.monotonic()
     while done < args.warmup:

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_cluster.cache.testing import generate, make_executor  # noqa: E402
+from mlx_cluster.cache.testing import generate, make_executor, new_sequences  # noqa: E402
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
-from mlx_cluster.engine.plan import NewSequence, SamplingParams, StepPlan  # noqa: E402
+from mlx_cluster.engine.plan import StepPlan  # noqa: E402
 from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
 
 
@@ -152,23 +152,8 @@ def main() -> None:
 def width_costs(loaded, prompt: list[int], widths: list[int], repeats: int = 20) -> list[str]:
     """Median host build and eval time of one synchronous forward of each width, one sequence,
     on the served batch's cache (a BatchKVCache after a prefill), trimmed back after each."""
-    from mlx_cluster.engine.executor import Executor
-
-    ex = Executor(
-        loaded.model, vocab_size=loaded.config["vocab_size"], max_batch_size=1, prefill_batch_size=1, prefill_chunk=512
-    )
-    ex.apply(
-        StepPlan(
-            step=0,
-            new=(
-                NewSequence(
-                    seq_id=1,
-                    prompt=tuple(prompt * 8),
-                    params=SamplingParams(max_tokens=10_000, seed=0, temperature=0.0),
-                ),
-            ),
-        )
-    )
+    ex = make_executor(loaded, None, max_batch_size=1)
+    ex.apply(StepPlan(step=0, new=tuple(new_sequences(ex, [prompt * 8], max_tokens=10_000))))
     for _ in range(4):
         ex.step()
     batch = ex.generator._generation_batch
