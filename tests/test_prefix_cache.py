@@ -126,6 +126,22 @@ def test_bfloat16_blocks_survive_the_file_format():
     assert back.arrays["k"].dtype == mx.bfloat16 and mx.array_equal(back.arrays["k"], block.arrays["k"])
 
 
+@pytest.mark.parametrize("device_memory", [False, True])
+def test_blocks_for_the_disk_writer_hold_the_same_bytes(monkeypatch, device_memory):
+    """CPU and Apple silicon hand the writer the blocks themselves; CUDA (simulated here: the
+    same ops on the CPU) hands it evaluated copies, so the RAM tier keeps device-resident ones."""
+    from mlx_cluster.cache import blocks as blocks_module
+
+    monkeypatch.setattr(blocks_module, "_DEVICE_MEMORY", device_memory)
+    originals = BlockCodec(4, 8, 32).encode(kv_caches(tokens=8), 0, 2)
+    copies = blocks_module.for_host(originals)
+    for a, b in zip(originals, copies):
+        assert (a is b) is not device_memory
+        assert (a.n_tokens, a.raw_nbytes, sorted(a.arrays)) == (b.n_tokens, b.raw_nbytes, sorted(b.arrays))
+        meta = {"block": "x"}
+        assert blockfile.encode(a, meta) == blockfile.encode(b, meta)
+
+
 # ---- RAM tier -------------------------------------------------------------------------------
 
 

@@ -34,6 +34,30 @@ class Block:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+# CUDA keeps arrays in device memory. The first host read of one (the SSD writer's memoryview)
+# makes MLX move it to host-visible memory with a synchronous cudaMemcpy, under the GIL, on the
+# thread that reads: the engine thread stalls behind every block the writer touches.
+_DEVICE_MEMORY = mx.cuda.is_available() and mx.default_device() == mx.gpu
+
+
+def for_host(blocks: Sequence[Block]) -> list[Block]:
+    """Blocks whose bytes the host can read without that stall (for the SSD writer).
+
+    On CUDA: copies, made on the device and moved to host-visible memory by the device's own
+    stream (MLX moves an array made on the GPU to unified memory, asynchronously, when a CPU-stream
+    op reads it in the same eval). The originals stay in device memory for the RAM tier, where
+    restores read them at device speed. Elsewhere (CPU, Apple silicon's unified memory) host
+    reads are free: the blocks themselves.
+    """
+    if not _DEVICE_MEMORY or not blocks:
+        return list(blocks)
+    # a * 1: a fresh buffer with the same bits (mlx has no copy op; x * 1 keeps -0.0 and NaNs).
+    copies = [Block({n: a * 1 for n, a in b.arrays.items()}, b.n_tokens, b.raw_nbytes) for b in blocks]
+    readers = [mx.flatten(a, stream=mx.cpu) for b in copies for a in b.arrays.values()]
+    mx.eval([b.arrays for b in copies], readers)
+    return copies
+
+
 def effective_group_size(head_dim: int, group_size: int) -> int | None:
     """The quantization group for a head_dim: the configured one, or the largest smaller one that
     divides head_dim (head_dim 32 with group 64 uses 32); None when no group fits."""

@@ -34,7 +34,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from mlx_cluster.cache.blocks import Block, BlockCodec
+from mlx_cluster.cache.blocks import Block, BlockCodec, for_host
 from mlx_cluster.cache.cost import CostModel, RestoreDecision
 from mlx_cluster.cache.hashing import Namespace, adapter_root, block_hashes, restorable_blocks
 from mlx_cluster.cache.ram import RamStats, RamTier
@@ -338,9 +338,8 @@ class PrefixCache:
         self.cost.block_bytes = blocks[0].nbytes
         new = {i: blocks[i - first] for i in missing}
         self._store_chain(ids, new)
-        if self.write_through and self.ssd is not None:
-            for i, block in new.items():
-                self.ssd.write(ids[i], block)
+        if self.write_through:
+            self._to_disk([(ids[i], new[i]) for i in sorted(new)])
         self._stats.stored_blocks += len(new)
 
     def _store_chain(self, ids: Sequence[bytes], new: dict[int, Block]) -> None:
@@ -351,15 +350,23 @@ class PrefixCache:
         a chain loses its tail first. What does not fit goes to the SSD tier.
         """
         self.ram.pin(ids)
+        evicted = []
         try:
             for i in sorted(new):
-                for evicted_id, evicted in self.ram.put(ids[i], new[i]):
-                    if self.ssd is not None:
-                        self.ssd.write(evicted_id, evicted)  # write_back: what leaves RAM goes to disk
+                evicted += self.ram.put(ids[i], new[i])
         finally:
             self.ram.unpin(ids)
         for block_id in reversed(ids):
             self.ram.touch(block_id)
+        self._to_disk(evicted)  # write_back: what leaves RAM goes to disk
+
+    def _to_disk(self, blocks: list[tuple[bytes, Block]]) -> None:
+        """Queue (id, block) pairs the SSD tier lacks for writing, as host-readable copies."""
+        if self.ssd is None:
+            return
+        todo = [(i, b) for i, b in blocks if not self.ssd.contains(i)]
+        for (block_id, _), block in zip(todo, for_host([b for _, b in todo])):
+            self.ssd.write(block_id, block)
 
     def calibrate(self, nbytes: int = 16 << 20) -> None:
         """Measure what restoring a block costs per byte: from the device (a RAM-tier block: one
