@@ -139,52 +139,27 @@ def test_the_incremental_index_finds_what_a_full_scan_finds():
         assert index.lookup(other, 2) == scan_lookup(other, 2, n_min, n_max)
 
 
-class DeviceTokens:
-    """Pending tokens still on the device: reading them would drain the pipeline."""
-
-    def tolist(self):
-        raise AssertionError("the step waited for the pending tokens")
-
-
 class PendingOnDevice:
+    """A batch whose pending tokens must not be read (reading them would drain the pipeline)."""
+
     def __init__(self, tokens):
         self.uids, self.tokens = [1], [tokens]
         self.prompt_cache = []
         self.samplers = [type("Row", (), {"constraint": None})()]
         self.logits_processors = [None]
         self.max_tokens, self._num_tokens = [100], [0]
-        self._next_tokens = DeviceTokens()
+
+    @property
+    def _next_tokens(self):
+        raise AssertionError("the step waited for the pending tokens")
 
 
-def verifies(speculator, batch):
-    """(pending tokens handed to the verify, proposals) of one step, or None for a plain step."""
-    seen = []
-    speculator._verify = lambda batch, last, proposals, states: seen.append((last, proposals)) or []
-    return seen[0] if speculator.step(batch) is not None else None
-
-
-def test_ngram_steps_never_wait_for_the_pending_tokens():
+def test_a_row_whose_known_tokens_promise_nothing_costs_no_wait_and_no_back_off():
     speculator = Speculator(NgramProposer(2, 4), 4, 8)
     batch = PendingOnDevice([5, 6, 7, 8, 9, 10])  # no n-gram recurs
     for _ in range(3):
-        assert verifies(speculator, batch) is None
-        assert speculator._rows[1].wait == 0  # looks again on the very next step, no back-off
-    # (9, 10) recurs: 5 is the guess of the pending token, the proposals follow it; the verify
-    # feeds the real pending token from the device (last=None).
-    batch.tokens = [[9, 10, 5, 6, 7, 8, 9, 10]]
-    assert verifies(speculator, batch) == (None, [[6, 7, 8, 9]])
-
-
-class WaitingProposer(NgramProposer):
-    guesses = False  # as a draft model: proposes after the pending token only
-
-
-def test_a_proposer_that_cannot_guess_waits_only_for_rows_that_promise_a_proposal():
-    speculator = Speculator(WaitingProposer(2, 4), 4, 8)
-    batch = PendingOnDevice([5, 6, 7, 8, 9, 10])
-    for _ in range(3):
-        assert verifies(speculator, batch) is None
-        assert speculator._rows[1].wait == 0
+        assert speculator.step(batch) is None
+        assert speculator._rows[1].wait == 0  # looks again on the very next step
     batch.tokens = [[5, 6, 7, 5, 6, 7]]  # (6, 7) recurs: worth waiting for the pending token
     with pytest.raises(AssertionError, match="waited"):
         speculator.step(batch)

@@ -321,7 +321,7 @@ def test_write_failure_disables_the_tier(tmp_path, monkeypatch):
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, "write", disk_full)
     t.write(bid(1), block(1))
     t.flush(10)
     assert t.stats.disabled and "No space left" in t.stats.disabled_reason and t.stats.errors == 1

@@ -34,20 +34,12 @@ pauses when the batch has more than `max_batch_size` rows, when a layer's cache 
 `BatchKVCache` (sliding windows, SSM state), and when no row has a proposal (then the
 pipelined plain step runs).
 
-Looking is cheap, waiting is not. After a plain step, the step's inputs (each row's pending
-token) are still on the device; reading them drains the one-step-ahead pipeline of plain steps
-and leaves the device idle for a whole forward while the host builds the verify. So:
-- n-gram lookup never waits (`_step_ahead`): it proposes K+1 tokens from the known tokens
-  alone, the first being its guess of the pending token. The verify feeds the real pending
-  token from the device, then the K proposals after the guess, and is queued behind the
-  forward still running. A wrong guess costs only a rejection: the proposals are still a
-  deterministic function of tokens sampled before them, so the acceptance rule above holds.
-- after a verify, the pending tokens are on the host already (the verify read them), so the
-  next step looks up exactly, for free.
-- a draft model (a forward per look) first asks whether the row's known tokens promise a
-  proposal (`Proposer.hopeful`), and only then waits for the pending tokens.
-A row that finds nothing without waiting just looks again next step: loops are caught as they
-start.
+Looking is cheap, waiting is not. The step's inputs (each row's pending token) are still on
+the device when the step begins; reading them drains the one-step-ahead pipeline of plain
+steps. So a row is first asked whether its known tokens promise a proposal
+(`Proposer.hopeful`: for n-gram lookup, whether the known suffix recurs, kept in an
+incremental index); only then does the step wait for the pending tokens and look up for real.
+A row that promises nothing just looks again next step, and loops are caught as they start.
 
 Dynamic K, per row: a row starts at K proposals; all accepted -> one more (up to K), a
 rejection -> as many as were accepted plus one. A row whose running acceptance rate (halved
@@ -163,10 +155,6 @@ class Proposer:
     """What the Speculator asks for proposals. Proposals must be a deterministic function of a
     row's tokens, so that every rank proposes the same without a word on the control bus."""
 
-    # Cheap enough to guess the pending token too (propose from the known tokens alone), so a
-    # step need not wait for it; a proposer whose look costs a forward (a draft model) waits.
-    guesses = False
-
     def propose(self, uids: list[int], contexts: list[list[int]], ks: list[int]) -> list[list[int]]:
         raise NotImplementedError
 
@@ -180,8 +168,6 @@ class Proposer:
 
 
 class NgramProposer(Proposer):
-    guesses = True
-
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
         self._index: dict[int, NgramIndex] = {}  # uid -> its row's index
@@ -269,7 +255,6 @@ class Speculator:
         self.max_batch_size = max_batch_size
         self.stats = SpecStats()
         self._rows: dict[int, _RowState] = {}
-        self._pending: tuple = (None, [])  # (the batch's next-token array a verify set, its host copy)
 
     def reset_stats(self) -> None:
         self.stats = SpecStats()
@@ -287,17 +272,10 @@ class Speculator:
         # Waiting for the pending tokens drains the one-step-ahead pipeline: only rows whose
         # known tokens promise a proposal are worth it. The others look again next step (a
         # lookup is a few dictionary probes), with no back-off: finding nothing cost nothing.
-        last = self._pending_on_host(batch)
-        waited = last is None
-        if waited and self.proposer.guesses:
-            return self._step_ahead(batch, due, states)
-        if waited:
-            rows = [i for i in range(n) if due[i] and self.proposer.hopeful(batch.uids[i], batch.tokens[i])]
-            if not rows:
-                return None
-            last = batch._next_tokens.tolist()  # this step's inputs (waits for the last step's sample)
-        else:
-            rows = [i for i in range(n) if due[i]]
+        rows = [i for i in range(n) if due[i] and self.proposer.hopeful(batch.uids[i], batch.tokens[i])]
+        if not rows:
+            return None
+        last = batch._next_tokens.tolist()  # this step's inputs (waits for the last step's sample)
         proposals = [[] for _ in range(n)]
         found = self.proposer.propose(
             [batch.uids[i] for i in rows],
@@ -306,35 +284,11 @@ class Speculator:
         )
         for i, p in zip(rows, found):
             proposals[i] = p
-            if not p and waited:  # the wait bought nothing: sit out a while
+            if not p:
                 self._miss(states[i])
         if not any(proposals):
             return None
         return self._verify(batch, last, proposals, states)
-
-    def _step_ahead(self, batch, due: list[bool], states: list[_RowState]) -> list | None:
-        """Verify without waiting for the pending tokens: each row's proposal starts with a
-        guess of its pending token, made from the known tokens alone; the verify feeds the
-        real pending token (still on the device) and the proposals after the guess. A wrong
-        guess is just a rejection of the first proposal (see the module docstring)."""
-        rows = [i for i in range(len(batch.uids)) if due[i]]
-        found = self.proposer.propose(
-            [batch.uids[i] for i in rows],
-            [batch.tokens[i] for i in rows],
-            [self._budget(batch, i, states[i]) + 1 for i in rows],
-        )
-        proposals = [[] for _ in batch.uids]
-        for i, p in zip(rows, found):
-            proposals[i] = p[1:]  # no back-off when nothing is found: looking cost nothing
-        if not any(proposals):
-            return None
-        return self._verify(batch, None, proposals, states)
-
-    def _pending_on_host(self, batch) -> list[int] | None:
-        """The batch's pending tokens when this step is known to hold them on the host (it set
-        them in its last verify and the batch has not changed since), else None."""
-        pending, host = self._pending
-        return host if pending is batch._next_tokens else None
 
     def _state(self, uid: int) -> _RowState:
         s = self._rows.get(uid)
@@ -374,28 +328,23 @@ class Speculator:
         else:  # mostly rejected lately (free-form text): a wider forward would not pay for itself
             self._miss(s)
 
-    def _verify(self, batch, last: list[int] | None, proposals: list[list[int]], states: list[_RowState]) -> list:
-        """Verify every row's proposals in one forward. `last`: the rows' pending tokens, or
-        None to feed them from the device (`_step_ahead`) and read them with the samples."""
+    def _verify(self, batch, last: list[int], proposals: list[list[int]], states: list[_RowState]) -> list:
         from mlx_cluster.engine.decode import _needs_sort, _sample_plain, _sample_sorted
 
-        n = len(proposals)
+        n = len(last)
         width = 1 + max(len(p) for p in proposals)
-        ys = batch._next_tokens.astype(mx.uint32) if last is None else mx.array(last, dtype=mx.uint32)
-        # Padding only fills the width: its positions come after the row's own and are rolled back.
-        tails = mx.array([p + [0] * (width - 1 - len(p)) for p in proposals], dtype=mx.uint32)
-        inputs = mx.concatenate([ys[:, None], tails], axis=1)
+        inputs = [[y, *p] + [y] * (width - 1 - len(p)) for y, p in zip(last, proposals)]
         select_rows(batch.model, [getattr(r, "adapter", 0) for r in batch.samplers])  # each row's LoRA adapter
-        logits = batch.model(inputs, cache=batch.prompt_cache)
+        logits = batch.model(mx.array(inputs, dtype=mx.uint32), cache=batch.prompt_cache)
         first = logits[:, 0, :]
         token_context = []
         if any(batch.logits_processors):  # rows with processors use position 0 only, as a plain step
-            first, token_context = batch._process(first, ys)
+            first, token_context = batch._process(first, mx.array(last, dtype=mx.uint32))
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         first = first - mx.logsumexp(first, axis=-1, keepdims=True)
         constrained = [i for i, r in enumerate(batch.samplers) if r.constraint is not None]
         if constrained:
-            first = batch._mask(first, ys, constrained)
+            first = batch._mask(first, mx.array(last, dtype=mx.uint32), constrained)
         logprobs = mx.concatenate([first[:, None, :], logprobs[:, 1:, :]], axis=1)
 
         # Position j of row i is the row's token number counter + j: the plain step's noise.
@@ -405,9 +354,8 @@ class Speculator:
         seeds = [mx.repeat(rows.seed_lo, width), mx.repeat(rows.seed_hi, width)]
         counter = mx.repeat(rows.counter, width) + mx.tile(mx.arange(width, dtype=mx.uint32), n)
         sampled = sample(logprobs.reshape(n * width, -1), *flat, *seeds, counter)
-        mx.eval(sampled, ys, token_context)
+        mx.eval(sampled, token_context)
         targets = sampled.reshape(n, width).tolist()
-        last = ys.tolist()
 
         accepted = []
         for i, p in enumerate(proposals):
@@ -423,9 +371,7 @@ class Speculator:
         self.stats.spec_steps += 1
         self._rollback(batch.prompt_cache, width, [a + 1 for a in accepted])
         rows.counter = rows.counter + mx.array([a + 1 for a in accepted], dtype=mx.uint32)
-        responses, keep = self._emit(batch, last, proposals, accepted, targets, logprobs)
-        self._pending = (batch._next_tokens, [targets[i][accepted[i]] for i in keep])
-        return responses
+        return self._emit(batch, last, proposals, accepted, targets, logprobs)
 
     @staticmethod
     def _rollback(caches: list[BatchKVCache], width: int, kept: list[int]) -> None:
@@ -477,7 +423,7 @@ class Speculator:
                 keep.append(i)
         if len(keep) < len(batch.uids):
             batch.filter(keep)
-        return responses, keep
+        return responses
 
 
 # ---------------------------------------------------------------------------
