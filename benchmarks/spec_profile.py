@@ -23,8 +23,10 @@ import argparse
 import cProfile
 import io
 import pstats
+import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +36,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_cluster.cache.testing import generate, make_executor, new_sequences  # noqa: E402
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
 from mlx_cluster.engine.plan import StepPlan  # noqa: E402
+from mlx_cluster.engine import speculate  # noqa: E402
 from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
 
 
@@ -73,6 +76,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 5, 8])
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--free-form", action="store_true", help="random-token prompts instead of repetitive ones")
+    ap.add_argument("--min-acceptance", type=float, default=None, help="what-if: speculate.MIN_ACCEPTANCE")
+    ap.add_argument("--max-backoff", type=int, default=None, help="what-if: speculate.MAX_BACKOFF_STEPS")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -84,6 +90,9 @@ def main() -> None:
     section = SpeculativeSection(method="ngram", num_tokens=args.num_tokens)
     speculator = make_speculator(section, loaded.tokenizer, vocab, args.models_dir)
     prompts = [[17 + 13 * i] * 48 for i in range(args.prompts)]
+    if args.free_form:  # random tokens, as speculative.py's free-form workload
+        rng = random.Random(0)
+        prompts = [[rng.randrange(16, min(vocab, 2048)) for _ in range(48)] for _ in range(args.prompts)]
     lines = [f"model {args.model}, device {mx.default_device()}, n-gram K={args.num_tokens}"]
 
     clock = Clock()
@@ -96,12 +105,34 @@ def main() -> None:
     Speculator._rollback = staticmethod(clock.wrap("rollback", Speculator._rollback))
     Speculator._emit = staticmethod(clock.wrap("emit", Speculator._emit))
     speculator.proposer.propose = clock.wrap("propose", speculator.proposer.propose)
+    if args.min_acceptance is not None:  # what-ifs for the back-off rule (module constants)
+        speculate.MIN_ACCEPTANCE = args.min_acceptance
+    if args.max_backoff is not None:
+        speculate.MAX_BACKOFF_STEPS = args.max_backoff
+
+    # Why a row did not verify on a step: sitting out a back-off, or its known tokens promised
+    # nothing (no suffix recurs), or the lookup after the wait found nothing.
+    rows: Counter = Counter()
+    due, hopeful = Speculator._due, speculator.proposer.hopeful
+
+    def counted_due(batch, i, state):
+        if state.wait > 0:
+            rows["sitting out a back-off"] += 1
+        return due(batch, i, state)
+
+    def counted_hopeful(uid, tokens):
+        ok = hopeful(uid, tokens)
+        rows["asked: promising" if ok else "asked: nothing recurs"] += 1
+        return ok
+
+    Speculator._due = staticmethod(counted_due)
+    speculator.proposer.hopeful = counted_hopeful
 
     for mode in ("off", "on"):
         ex = make_executor(loaded, None, max_batch_size=1, speculator=speculator if mode == "on" else None)
         for p in prompts:  # compile every shape the measured run will meet (each verify width)
             generate(ex, [p], args.max_tokens)
-        clock.spent.clear(), clock.calls.clear(), clock.durations.clear()
+        clock.spent.clear(), clock.calls.clear(), clock.durations.clear(), rows.clear()
         speculator.reset_stats()
         profiler = cProfile.Profile() if args.cprofile else None
         steps0 = ex.stats.steps
@@ -136,6 +167,7 @@ def main() -> None:
                 f"   verify steps {s.spec_steps}, accepted per verify {s.mean_acceptance_length:.2f}, "
                 f"acceptance {s.acceptance_rate:.2f}"
             )
+            lines.append("   row-steps: " + ", ".join(f"{k} {v}" for k, v in sorted(rows.items())))
         if profiler:
             buf = io.StringIO()
             pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
