@@ -35,8 +35,8 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_cluster.cache.testing import generate, make_executor, new_sequences  # noqa: E402
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
-from mlx_cluster.engine.plan import StepPlan  # noqa: E402
 from mlx_cluster.engine import speculate  # noqa: E402
+from mlx_cluster.engine.plan import StepPlan  # noqa: E402
 from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
 
 
