@@ -170,6 +170,17 @@ def test_queued_bytes_are_bounded_too(tmp_path):
     assert t.stats.dropped_writes == 1 and t.contains(bid(1)) and not t.contains(bid(2))
 
 
+def test_admit_takes_what_the_queue_would_and_counts_the_rest_as_dropped(tmp_path):
+    """The engine copies blocks for the writer (on CUDA) only after admit(): no copy for a
+    block already on disk or queued, none for one the full queue would drop."""
+    t = tier(tmp_path, max_pending_bytes=int(block(1).nbytes * 2.5))
+    t.close()
+    t.write(bid(1), block(1))  # queued
+    offered = [(bid(i), block(i)) for i in (1, 2, 3, 4)]
+    assert [i for i, _ in t.admit(offered)] == [bid(2)]  # 1 is queued; room for one more block
+    assert t.stats.dropped_writes == 2  # 3 and 4
+
+
 def corrupt_by(kind: str, path):
     data = path.read_bytes()
     if kind == "zero":

@@ -361,10 +361,11 @@ class PrefixCache:
         self._to_disk(evicted)  # write_back: what leaves RAM goes to disk
 
     def _to_disk(self, blocks: list[tuple[bytes, Block]]) -> None:
-        """Queue (id, block) pairs the SSD tier lacks for writing, as host-readable copies."""
+        """Queue (id, block) pairs for writing, as host-readable copies, those the SSD tier
+        lacks and its write queue has room for (no copy is made for a dropped write)."""
         if self.ssd is None:
             return
-        todo = [(i, b) for i, b in blocks if not self.ssd.contains(i)]
+        todo = self.ssd.admit(blocks)
         for (block_id, _), block in zip(todo, for_host([b for _, b in todo])):
             self.ssd.write(block_id, block)
 

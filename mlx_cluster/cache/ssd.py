@@ -329,6 +329,27 @@ class SsdTier:
         return entry
 
     # ---- writes (engine thread enqueues, the writer thread writes) ------------------------
+    def admit(self, blocks: list[tuple[bytes, Block]]) -> list[tuple[bytes, Block]]:
+        """The (id, block) pairs the write queue would take now: not on disk or queued already,
+        and inside the queue's byte and item bounds. The rest count as dropped writes. Lets the
+        engine make host copies (blocks.for_host) only of blocks that will be written."""
+        if not self.enabled:
+            return []
+        with self._lock:
+            room = self.max_pending_bytes - self._pending_bytes
+            slots = self._queue.maxsize - self._queue.qsize()
+            taken = []
+            for block_id, block in blocks:
+                if block_id in self._index or block_id in self._pending:
+                    continue
+                if block.nbytes > room or slots <= 0:
+                    self.stats.dropped_writes += 1
+                    continue
+                taken.append((block_id, block))
+                room -= block.nbytes
+                slots -= 1
+        return taken
+
     def write(self, block_id: bytes, block: Block, wait_s: float = 0.0) -> None:
         """Queue a block for writing. The engine never waits (wait_s=0): a full queue drops the
         write and counts it. Shutdown passes wait_s to flush the RAM tier."""
