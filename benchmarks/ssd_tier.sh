@@ -65,7 +65,7 @@ for round in $(seq 1 "${REPEATS:-1}"); do
 done
 grep -h "prefix cache\|SSD KV" "$out"/warm.log | head -5 | tee -a "$out/summary.txt"
 $py - "$out" <<'PY' | tee -a "$out/summary.txt"
-import json, sys, pathlib
+import json, sys, pathlib, statistics
 d = pathlib.Path(sys.argv[1])
 def r(name):
     try: return json.loads((d / f"{name}.json").read_text())
@@ -81,7 +81,7 @@ def ratio(a, b, key, sub=None):
     got = [x for x in rounds if x is not None]
     if not got: return "n/a"
     if len(got) == 1: return f"{got[0]:.3f}x"
-    return f"median {sorted(got)[len(got) // 2]:.3f}x of " + ", ".join(f"{x:.3f}" for x in got)
+    return f"median {statistics.median(got):.3f}x of " + ", ".join(f"{x:.3f}" for x in got)
 print("warm SSD hits vs SSD off, c=1 TTFT p50:", ratio("warm-c1", "off-c1", "ttft_ms", "p50"), "(goal <= 1.05)")
 print("warm SSD hits vs SSD off, c=32 tok/s:  ", ratio("warm-c32", "off-c32", "output_throughput_tok_s"), "(goal >= 0.97)")
 print("SSD on (writing) vs off, c=32 TPOT p50:", ratio("ssd-c32", "off-c32", "tpot_ms", "p50"), "(goal <= 1.03)")
