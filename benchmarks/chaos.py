@@ -1150,11 +1150,22 @@ def _model_loads(cluster: Cluster) -> dict:
 def _proc_stats(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {
+    out = {
         "rss_kb": int(fields["VmRSS"].split()[0]),
         "threads": int(fields["Threads"]),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
+    # RSS split: anonymous memory (heaps, arrays: where a leak shows) and file pages (library
+    # code paged in the first time a path runs: it grows for a while on a fresh process, bounded
+    # by the libraries' size; a 15-minute soak saw libmlx.so's +800 KB of it on both ranks).
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in rollup.splitlines()[1:])}
+        out["anon_kb"] = kb["Anonymous"]
+        out["file_kb"] = kb["Rss"] - kb["Anonymous"]
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
 
 
 def _dir_bytes(path: Path) -> int:
@@ -1237,6 +1248,8 @@ def run_soak(
             time.sleep(0.5)
         time.sleep(2)  # the last request's blocks reach the SSD tier
         point = {"t_s": round(time.monotonic() - t0, 1), **stats(pids)}
+        with lock:
+            point["requests"] = sum(outcomes.values())
         paused.clear()
         log(f"soak idle: {json.dumps(point)}")
         return point
@@ -1270,7 +1283,7 @@ def run_soak(
     warm, last = idle[0], idle[-1]
     growth = {}
     for name in pids:
-        for key in ("rss_kb", "threads", "fds", "mlx_active", "mlx_cache"):
+        for key in ("rss_kb", "anon_kb", "file_kb", "threads", "fds", "mlx_active", "mlx_cache"):
             a, b = warm.get(name, {}).get(key), last.get(name, {}).get(key)
             if a:
                 growth[f"{name}.{key}"] = round((b - a) / a * 100, 2)
