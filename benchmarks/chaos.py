@@ -1169,7 +1169,15 @@ def _proc_stats(pid: int) -> dict:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under path; a file the SSD tier evicts while we walk counts as gone."""
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def run_soak(
