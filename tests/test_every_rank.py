@@ -143,7 +143,7 @@ def test_logs_command_shows_each_rank_and_follows(pair):
     finally:
         follow.send_signal(signal.SIGINT)
         try:
-            assert follow.wait(10) == 0
+            assert follow.wait(30) == 0  # 10 s ran out once on the 2-core machine under a soak
         finally:
             if follow.poll() is None:
                 follow.kill()
