@@ -163,7 +163,11 @@ class SsdTier:
 
     def contains(self, block_id: bytes) -> bool:
         """Whether this tier has the block (read-only: no access-time update)."""
-        return self.enabled and (block_id in self._index or block_id in self._pending)
+        return self.enabled and self._has(block_id)
+
+    def _has(self, block_id: bytes) -> bool:
+        """On disk or queued for writing."""
+        return block_id in self._index or block_id in self._pending
 
     def _path(self, block_id: bytes) -> Path:
         return self.dir / (block_id.hex() + SUFFIX)
@@ -340,7 +344,7 @@ class SsdTier:
             slots = self._queue.maxsize - self._queue.qsize()
             taken = []
             for block_id, block in blocks:
-                if block_id in self._index or block_id in self._pending:
+                if self._has(block_id):
                     continue
                 if block.nbytes > room or slots <= 0:
                     self.stats.dropped_writes += 1
@@ -356,7 +360,7 @@ class SsdTier:
         if not self.enabled:
             return
         with self._lock:
-            if block_id in self._index or block_id in self._pending:
+            if self._has(block_id):
                 return
             if self._pending_bytes + block.nbytes > self.max_pending_bytes and not wait_s:
                 self.stats.dropped_writes += 1
