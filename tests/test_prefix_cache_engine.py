@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -165,7 +166,7 @@ def on_ssd_only(loaded, tmp_path):
 def test_damaged_ssd_block_restores_fewer_tokens_and_says_so(loaded, baseline, tmp_path):
     ex, ids = on_ssd_only(loaded, tmp_path)
     cache = ex.prefix_cache
-    victim = cache.ssd._path(ids[3])
+    victim = Path(cache.ssd._path(ids[3]))
     victim.write_bytes(victim.read_bytes()[:100])
     # The prefetch finds the damage: the chain ends before it, and the rest is prefilled.
     [r] = generate(ex, [PROMPT], MAX_TOKENS)

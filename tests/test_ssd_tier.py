@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -60,6 +61,19 @@ def test_round_trip_and_layout(tmp_path):
     assert got is not None and mx.array_equal(got.arrays["k"], block(1).arrays["k"])
     assert t.stats.hits == 1 and t.stats.read_bytes > 0 and t.stats.writes == 1
     assert t.read(bid(2)) is None and t.stats.misses == 1
+    t.close()
+
+
+def test_block_file_names_are_never_interned(tmp_path):
+    """pathlib interns every path part, and the interned-string table only ever grows to the
+    most names alive at once (its dead entries are reused, never given back): with one name per
+    block that was a native-memory step under a soak. The tier uses plain strings for block files."""
+    t = written(tier(tmp_path), 1)
+    paths = [t._path(bid(i)) for i in range(100, 140)]  # held, as a read or write in flight holds one
+    for i in range(100, 140):
+        fresh = "".join(list(bid(i).hex() + ".safetensors"))  # a new object
+        assert sys.intern(fresh) is fresh, "a block file name was interned"
+    assert t.read(bid(1)) is not None and os.path.exists(paths[0]) is False
     t.close()
 
 

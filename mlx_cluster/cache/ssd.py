@@ -111,6 +111,7 @@ class SsdTier:
     ):
         self.root = Path(root).expanduser()
         self.dir = self.root / f"v{FORMAT_VERSION}" / fingerprint / f"tp{tp_size}" / f"rank{rank}"
+        self._dir_str = str(self.dir)
         self._legacy_dir = self.root / fingerprint / f"tp{tp_size}" / f"rank{rank}"  # version 1's layout
         self.metadata = metadata  # what every file of ours carries (namespace, rank)
         self.max_bytes = max_bytes
@@ -169,8 +170,11 @@ class SsdTier:
         """On disk or queued for writing."""
         return block_id in self._index or block_id in self._pending
 
-    def _path(self, block_id: bytes) -> Path:
-        return self.dir / (block_id.hex() + SUFFIX)
+    def _path(self, block_id: bytes) -> str:
+        # A plain string, not a Path: pathlib interns every path part (sys.intern), and with a
+        # name per block the interpreter's interned-string table grew and was reallocated under
+        # a long soak (a one-off +1.92 MB step of native memory on every rank; docs/operations.md).
+        return os.path.join(self._dir_str, block_id.hex() + SUFFIX)
 
     def read(self, block_id: bytes, expected: dict[str, str] | None = None) -> Block | None:
         """Load and verify a block now, on the calling thread (tools and tests; the engine uses
@@ -197,14 +201,15 @@ class SsdTier:
         if self._test_read_delay_s:
             time.sleep(self._test_read_delay_s)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
             host = blockfile.parse(data, {**self.metadata, **(expected or {}), "block": block_id.hex()})
         except FileNotFoundError:
             self._forget(block_id)
             self.stats.misses += 1
             return None
         except blockfile.BlockFileError as e:
-            log.warning("SSD KV block %s is unusable (%s): deleting it", path.name, e)
+            log.warning("SSD KV block %s is unusable (%s): deleting it", os.path.basename(path), e)
             self.stats.corrupt += 1
             self._delete(block_id)
             self.stats.misses += 1
@@ -423,7 +428,7 @@ class SsdTier:
 
     def _write_file(self, epoch: int, block_id: bytes, chunks: list) -> None:
         final = self._path(block_id)
-        tmp = self.dir / f".{block_id.hex()}.{os.getpid()}.tmp"
+        tmp = os.path.join(self._dir_str, f".{block_id.hex()}.{os.getpid()}.tmp")
         size = sum(len(c) for c in chunks)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -435,7 +440,7 @@ class SsdTier:
             os.close(fd)
         with self._lock:
             if epoch != self._epoch:  # cleared meanwhile
-                tmp.unlink(missing_ok=True)
+                _unlink(tmp)
                 return
             os.replace(tmp, final)
             old = self._index.pop(block_id, 0)
@@ -461,7 +466,7 @@ class SsdTier:
                 continue
             for entry in os.scandir(d):
                 if entry.is_file() and (entry.name.endswith(SUFFIX) or entry.name.endswith(".tmp")):
-                    Path(entry.path).unlink(missing_ok=True)
+                    _unlink(entry.path)
                     removed += 1
             for parent in (d, d.parent, d.parent.parent):  # rank<r>, tp<N>, <fingerprint> when empty
                 try:
@@ -477,7 +482,7 @@ class SsdTier:
         for entry in os.scandir(self.dir):
             name = entry.name
             if name.endswith(".tmp"):
-                Path(entry.path).unlink(missing_ok=True)
+                _unlink(entry.path)
                 continue
             if not name.endswith(SUFFIX):
                 continue
@@ -502,7 +507,7 @@ class SsdTier:
             by_age = list(self._index)
         for block_id in by_age:
             try:
-                mtime = self._path(block_id).stat().st_mtime
+                mtime = os.stat(self._path(block_id)).st_mtime
             except FileNotFoundError:
                 self._forget(block_id)
                 continue
@@ -533,7 +538,7 @@ class SsdTier:
     def _delete(self, block_id: bytes) -> None:
         self._forget(block_id)
         try:
-            self._path(block_id).unlink(missing_ok=True)
+            _unlink(self._path(block_id))
         except OSError as e:
             self.stats.errors += 1
             log.warning("cannot delete SSD KV block %s: %s", block_id.hex(), e)
@@ -577,3 +582,11 @@ class SsdTier:
             pass
         self._thread.join(timeout=1.0)
         self._thread = None
+
+
+def _unlink(path: str) -> None:
+    """Remove a file if it is there (os.remove on a string: no pathlib, see _path)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
