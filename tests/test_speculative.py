@@ -27,7 +27,9 @@ from mlx_cluster.engine.speculate import (
     NgramProposer,
     Proposer,
     Speculator,
+    VerifyCost,
     make_speculator,
+    measure_verify_cost,
     ngram_lookup,
 )
 
@@ -163,6 +165,50 @@ def test_a_row_whose_known_tokens_promise_nothing_costs_no_wait_and_no_back_off(
     batch.tokens = [[5, 6, 7, 5, 6, 7]]  # (6, 7) recurs: worth waiting for the pending token
     with pytest.raises(AssertionError, match="waited"):
         speculator.step(batch)
+
+
+def test_a_verify_is_chosen_only_where_its_expected_tokens_beat_its_cost():
+    gpu = VerifyCost(1.6, 1.6, 4)  # about any width on an H200
+    assert gpu.best_k(0.9, 4) == 4  # a flat cost: the widest verify yields the most
+    assert gpu.best_k(0.5, 4) == 4  # 1.94 tokens for 1.6 steps
+    assert gpu.best_k(0.3, 4) == 0  # 1.42 tokens: a plain step does better
+    cpu = VerifyCost(1.8, 3.8, 4)  # a compute-bound BLAS: cost grows with width
+    assert cpu.best_k(0.95, 4) == 4
+    assert 1 <= cpu.best_k(0.85, 4) < 4  # narrower where later proposals rarely survive
+    assert cpu.best_k(0.6, 4) == 0
+    assert VerifyCost(1.0, 1.0, 4).best_k(0.05, 2) == 2  # a free verify always pays
+    assert gpu.best_k(0.9, 1) == 1  # never more than the row has room for
+
+
+def test_a_row_that_stops_paying_sits_out_then_probes_with_one_proposal():
+    speculator = Speculator(NgramProposer(2, 4), 4, 8, VerifyCost(1.6, 1.6, 4))
+    speculator._state(1)
+    speculator.account([1], [[5, 5, 5, 5]], [4])
+    assert speculator._rows[1].k == 4 and speculator._rows[1].wait == 0
+    state = speculator._rows[1]
+    rejections = 0
+    while state.wait == 0:  # rejected at once, again and again: p falls until a verify stops paying
+        speculator.account([1], [[5] * state.k], [0])
+        rejections += 1
+    assert rejections == 3 and state.k == 1 and state.wait == 1 and state.p < 0.3
+    for wait in (2, 4):  # each rejected probe (one proposal) doubles the time sat out
+        speculator.account([1], [[5]], [0])
+        assert state.wait == wait and state.k == 1
+    speculator.account([1], [[5]], [1])  # an accepted probe: the row is hopeful again
+    assert state.k == 4 and state.backoff == 1
+
+
+def test_the_verify_cost_is_measured_without_a_trace_and_agreed_as_the_largest(tiny, plain):
+    executor, speculator = spec_executor(tiny, NgramProposer(2, 4))
+    cost = measure_verify_cost(executor, speculator)
+    assert 0 < cost.narrow < 100 and 0 < cost.wide < 100 and cost.num_tokens == 4
+    assert executor.active == 0 and executor.digest == 0 and speculator.stats.spec_steps == 0
+    prompt = [(repetitive_prompts(1)[0], greedy())]
+    assert run(executor, prompt) == run(plain, prompt)  # the throwaway sequence left nothing behind
+    speculator.cost = VerifyCost(1.5, 2.0, 4)
+    others = [[-1900, -1700]]  # another rank measured 1.9 and 1.7: each figure's largest wins
+    speculator.agree(lambda mine: [min(a, b) for a, b in zip(mine, others[0])])
+    assert (speculator.cost.narrow, speculator.cost.wide) == (1.9, 2.0)
 
 
 def test_config_section_is_validated_with_the_key_named():

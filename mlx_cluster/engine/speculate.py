@@ -41,11 +41,17 @@ steps. So a row is first asked whether its known tokens promise a proposal
 incremental index); only then does the step wait for the pending tokens and look up for real.
 A row that promises nothing just looks again next step, and loops are caught as they start.
 
-Dynamic K, per row: a row starts at K proposals; all accepted -> one more (up to K), a
-rejection -> as many as were accepted plus one. A row whose running acceptance rate (halved
-weight per verify) falls below 0.5, or whose real lookup found nothing after the wait, sits
-out 1, 2, 4 .. 32 steps (reset once its rate recovers), so on free-form text the batch runs
-plain, pipelined steps and pays little for looking.
+Whether a verify pays, per row: a verify step costs more than a plain one (it is synchronous,
+wider, and a draft model proposes first), and that price differs by an order of magnitude
+between machines: about 1.6 plain steps on an H200 at any width, 1.8 to 3.8 on a CPU whose
+BLAS is compute-bound at batch 1. So it is measured (`measure_verify_cost`, at start-up, the
+largest figure of any rank agreed on the bus), not assumed. Each row keeps a running estimate
+p of the chance that its next proposal is accepted (accepted proposals against rejections,
+halved weight per verify), expects 1 + p + .. + p^k tokens from k proposals, and proposes the
+k that gives the most tokens per unit of cost, if that beats a plain step's one token per step.
+A row that does not pay, or whose real lookup found nothing after the wait, sits out 1, 2,
+4 .. MAX_BACKOFF_STEPS steps and then probes with one proposal, so on free-form text the batch
+runs plain, pipelined steps and pays little for looking.
 """
 
 from __future__ import annotations
@@ -61,7 +67,6 @@ from mlx_cluster.models.lora import select_rows
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_STEPS = 32
-MIN_ACCEPTANCE = 0.5  # a row whose running acceptance rate falls below this sits out a while
 
 
 @dataclass
@@ -88,7 +93,44 @@ class _RowState:
     k: int  # proposals to ask for next time
     wait: int = 0  # steps to sit out before looking again
     backoff: int = 1  # the next wait after a miss
-    rate: float = 1.0  # running acceptance rate (accepted / proposed, decaying by half per verify)
+    # Accepted proposals and rejections (verifies that did not accept all), each halved per
+    # verify: p = hits / (hits + stops) is the chance the next proposal is accepted. One hit as
+    # a prior: a new row is hopeful.
+    hits: float = 1.0
+    stops: float = 0.0
+
+    @property
+    def p(self) -> float:
+        return self.hits / (self.hits + self.stops)
+
+
+@dataclass(frozen=True)
+class VerifyCost:
+    """What a verify step costs in plain decode steps: `narrow` with one proposal, `wide` with
+    `num_tokens` (K), linear in between. Measured at start-up (`measure_verify_cost`); until
+    then (tests, in-process benchmarks) the H200 figure is assumed."""
+
+    narrow: float = 1.6
+    wide: float = 1.6
+    num_tokens: int = 4
+
+    def of(self, k: int) -> float:
+        if self.num_tokens <= 1:
+            return self.wide
+        return self.narrow + (self.wide - self.narrow) * (k - 1) / (self.num_tokens - 1)
+
+    def best_k(self, p: float, limit: int) -> int:
+        """The number of proposals (1..limit) that gives the most expected tokens per unit of
+        cost, or 0 when no number beats a plain step (one token per step)."""
+        best, rate, expected = 0, 1.0, 1.0
+        for k in range(1, limit + 1):
+            expected += p**k  # y, then each proposal accepted while all before it were
+            if expected / self.of(k) > rate:
+                best, rate = k, expected / self.of(k)
+        return best
+
+    def permille(self) -> list[int]:
+        return [round(1000 * self.narrow), round(1000 * self.wide)]
 
 
 # ---------------------------------------------------------------------------
@@ -249,10 +291,11 @@ def _tokens_left(batch, i: int) -> int:
 
 
 class Speculator:
-    def __init__(self, proposer, num_tokens: int, max_batch_size: int):
+    def __init__(self, proposer, num_tokens: int, max_batch_size: int, cost: VerifyCost | None = None):
         self.proposer = proposer
         self.num_tokens = num_tokens
         self.max_batch_size = max_batch_size
+        self.cost = cost or VerifyCost(num_tokens=num_tokens)
         self.stats = SpecStats()
         self._rows: dict[int, _RowState] = {}
 
@@ -261,6 +304,19 @@ class Speculator:
 
     def step(self, batch) -> list | None:
         """One speculative step of `batch` (a DecodeBatch), or None to let it run a plain step."""
+        chosen = self.choose(batch)
+        if chosen is None:
+            return None
+        last, proposals = chosen
+        accepted, targets, logprobs = self._verify(batch, last, proposals)
+        self.account(batch.uids, proposals, accepted)
+        self._rollback(batch.prompt_cache, 1 + max(len(p) for p in proposals), [a + 1 for a in accepted])
+        batch._arrays().counter = batch._arrays().counter + mx.array([a + 1 for a in accepted], dtype=mx.uint32)
+        return self._emit(batch, last, proposals, accepted, targets, logprobs)
+
+    def choose(self, batch) -> tuple[list[int], list[list[int]]] | None:
+        """This step's inputs and every row's proposals ([] for rows that do not verify), or None
+        when no row has any: then the batch runs a plain step."""
         n = len(batch.uids)
         if not n or n > self.max_batch_size or not all(type(c) is BatchKVCache for c in batch.prompt_cache):
             return None
@@ -280,7 +336,7 @@ class Speculator:
         found = self.proposer.propose(
             [batch.uids[i] for i in rows],
             [batch.tokens[i] + [last[i]] for i in rows],
-            [self._budget(batch, i, states[i]) for i in rows],
+            [min(states[i].k, _tokens_left(batch, i) - 1) for i in rows],
         )
         for i, p in zip(rows, found):
             proposals[i] = p
@@ -288,7 +344,32 @@ class Speculator:
                 self._miss(states[i])
         if not any(proposals):
             return None
-        return self._verify(batch, last, proposals, states)
+        return last, proposals
+
+    def account(self, uids: list[int], proposals: list[list[int]], accepted: list[int]) -> None:
+        """Counters, and each row's estimate and next number of proposals, after a verify."""
+        for uid, p, a in zip(uids, proposals, accepted):
+            if not p:
+                continue
+            self.stats.num_drafts += 1
+            self.stats.num_draft_tokens += len(p)
+            self.stats.num_accepted_tokens += a
+            s = self._rows[uid]
+            s.hits = 0.5 * s.hits + a
+            s.stops = 0.5 * s.stops + (a < len(p))
+            s.k = self.cost.best_k(s.p, self.num_tokens)
+            if s.k:
+                s.backoff = 1
+            else:  # mostly rejected lately (free-form text): a verify would not pay for itself
+                s.k = 1  # after sitting out, probe with one proposal
+                self._miss(s)
+        self.stats.spec_steps += 1
+
+    def agree(self, agree_min) -> None:
+        """Every rank takes the largest cost any rank measured (`agree_min`: the control bus's
+        element-wise minimum over ranks), so every rank makes the same choices."""
+        narrow, wide = (-v / 1000 for v in agree_min([-v for v in self.cost.permille()]))
+        self.cost = VerifyCost(narrow, wide, self.num_tokens)
 
     def _state(self, uid: int) -> _RowState:
         s = self._rows.get(uid)
@@ -309,26 +390,13 @@ class Speculator:
         return row.constraint is None and not batch.logits_processors[i] and _tokens_left(batch, i) > 1
 
     @staticmethod
-    def _budget(batch, i: int, s: _RowState) -> int:
-        return min(s.k, _tokens_left(batch, i) - 1)
-
-    @staticmethod
     def _miss(s: _RowState) -> None:
         s.wait = s.backoff
         s.backoff = min(2 * s.backoff, MAX_BACKOFF_STEPS)
 
-    def _adapt(self, s: _RowState, proposed: int, accepted: int) -> None:
-        s.rate = 0.5 * s.rate + 0.5 * accepted / proposed
-        if accepted == proposed:
-            s.k = min(self.num_tokens, s.k + 1)
-        else:
-            s.k = max(1, accepted + 1)
-        if s.rate >= MIN_ACCEPTANCE:
-            s.backoff = 1
-        else:  # mostly rejected lately (free-form text): a wider forward would not pay for itself
-            self._miss(s)
-
-    def _verify(self, batch, last: list[int], proposals: list[list[int]], states: list[_RowState]) -> list:
+    def _verify(self, batch, last: list[int], proposals: list[list[int]]):
+        """One forward of the batch over [y, proposals..]: each row's accepted count, the target
+        tokens of every position, and the log-probabilities (None when no row needs them)."""
         from mlx_cluster.engine.decode import _needs_sort, _sample_plain, _sample_sorted
 
         n = len(last)
@@ -336,13 +404,20 @@ class Speculator:
         inputs = [[y, *p] + [y] * (width - 1 - len(p)) for y, p in zip(last, proposals)]
         select_rows(batch.model, [getattr(r, "adapter", 0) for r in batch.samplers])  # each row's LoRA adapter
         logits = batch.model(mx.array(inputs, dtype=mx.uint32), cache=batch.prompt_cache)
+        wants = any(r.params.logprobs for r in batch.samplers)
+        constrained = [i for i, r in enumerate(batch.samplers) if r.constraint is not None]
+        if not (wants or constrained or any(batch.logits_processors)) and all(r.params.greedy for r in batch.samplers):
+            # All greedy: the plain step's own choice (argmax of the normalized log-probabilities,
+            # in the model's dtype, so ties fall the same way) without the sampler's noise.
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            targets = mx.argmax(logprobs, axis=-1).tolist()
+            return self._accepted(proposals, targets), targets, None
         first = logits[:, 0, :]
         token_context = []
         if any(batch.logits_processors):  # rows with processors use position 0 only, as a plain step
             first, token_context = batch._process(first, mx.array(last, dtype=mx.uint32))
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         first = first - mx.logsumexp(first, axis=-1, keepdims=True)
-        constrained = [i for i, r in enumerate(batch.samplers) if r.constraint is not None]
         if constrained:
             first = batch._mask(first, mx.array(last, dtype=mx.uint32), constrained)
         logprobs = mx.concatenate([first[:, None, :], logprobs[:, 1:, :]], axis=1)
@@ -356,22 +431,18 @@ class Speculator:
         sampled = sample(logprobs.reshape(n * width, -1), *flat, *seeds, counter)
         mx.eval(sampled, token_context)
         targets = sampled.reshape(n, width).tolist()
+        return self._accepted(proposals, targets), targets, logprobs if wants else None
 
-        accepted = []
-        for i, p in enumerate(proposals):
+    @staticmethod
+    def _accepted(proposals: list[list[int]], targets: list[list[int]]) -> list[int]:
+        """How many of each row's proposals equal the target's own choice, from the first on."""
+        out = []
+        for p, t in zip(proposals, targets):
             a = 0
-            while a < len(p) and p[a] == targets[i][a]:
+            while a < len(p) and p[a] == t[a]:
                 a += 1
-            accepted.append(a)
-            if p:
-                self.stats.num_drafts += 1
-                self.stats.num_draft_tokens += len(p)
-                self.stats.num_accepted_tokens += a
-                self._adapt(states[i], len(p), a)
-        self.stats.spec_steps += 1
-        self._rollback(batch.prompt_cache, width, [a + 1 for a in accepted])
-        rows.counter = rows.counter + mx.array([a + 1 for a in accepted], dtype=mx.uint32)
-        return self._emit(batch, last, proposals, accepted, targets, logprobs)
+            out.append(a)
+        return out
 
     @staticmethod
     def _rollback(caches: list[BatchKVCache], width: int, kept: list[int]) -> None:
@@ -424,6 +495,83 @@ class Speculator:
         if len(keep) < len(batch.uids):
             batch.filter(keep)
         return responses
+
+
+# ---------------------------------------------------------------------------
+# What a verify costs on this machine
+# ---------------------------------------------------------------------------
+
+
+def measure_verify_cost(executor, speculator: Speculator) -> VerifyCost:
+    """Time, on this rank, plain decode steps of a throwaway greedy sequence (pipelined, as
+    served) against verify steps of it with one and with K proposals (the proposer's own time
+    included), and return the ratios. Every rank runs the same steps in lock-step, as warm-up
+    does: the forwards hold the model's collectives.
+
+    The sequence runs twice and the second run counts. On an H200 a first run came out 4x too
+    high (7.4 plain steps against 1.76 and 1.78 for the next two, `results/gpu-h200-2026-12-03`):
+    each new cache length and width costs the device set-up work once, which a long-running
+    server has long paid, and an untimed first round within one run did not cover it, since
+    the sequence keeps growing into new lengths."""
+    _time_verify(executor, speculator)
+    return _time_verify(executor, speculator)
+
+
+def _time_verify(executor, speculator: Speculator, token_id: int = 0, repeats: int = 6, rounds: int = 3) -> VerifyCost:
+    """One run of measure_verify_cost. Each kind's time is the fastest of `rounds` interleaved
+    blocks after an untimed one (it compiles), because on a shared host noise only ever adds
+    time, and one unlucky block would otherwise set the rule for the server's whole life."""
+    import time
+
+    from mlx_cluster.engine.decode import DecodeBatch
+    from mlx_cluster.engine.plan import NewSequence, SamplingParams, StepPlan
+
+    seq_id = (1 << 63) - 1
+    params = SamplingParams(max_tokens=1 << 16, seed=0, temperature=0.0)
+    executor.apply(StepPlan(step=0, new=(NewSequence(seq_id=seq_id, prompt=(token_id,) * 32, params=params),)))
+    batch = executor.generator._generation_batch
+    try:
+        for _ in range(4):  # the prefill, then the sequence joins the decode batch
+            executor.step()
+            if len(getattr(batch, "uids", ())) == 1:
+                break
+        if not isinstance(batch, DecodeBatch) or len(batch.uids) != 1:
+            return speculator.cost  # pipeline stages run micro-batches, which never speculate
+        uid, k_max = batch.uids[0], speculator.num_tokens
+
+        def plain() -> None:
+            batch.speculator = None
+            executor.step()
+            batch.speculator = speculator
+
+        def verify(k: int) -> None:
+            last = batch._next_tokens.tolist()
+            speculator.proposer.propose([uid], [batch.tokens[0] + last], [k])
+            proposals = [[token_id] * k]
+            accepted, targets, logprobs = speculator._verify(batch, last, proposals)
+            speculator._rollback(batch.prompt_cache, k + 1, [accepted[0] + 1])
+            speculator._emit(batch, last, proposals, accepted, targets, logprobs)
+
+        kinds = {"plain": plain, 1: lambda: verify(1), k_max: lambda: verify(k_max)}
+        best = {kind: float("inf") for kind in kinds}
+        for r in range(1 + rounds):  # round 0 is not timed
+            for kind, run in kinds.items():
+                if kind == "plain":
+                    run()  # a verify drained the pipeline: refill it before timing pipelined steps
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    run()
+                # Wait for what the block queued, so that it counts here and not in the next block
+                # (a device may run several pipelined steps behind the host).
+                batch._next_tokens.tolist()
+                if r:
+                    best[kind] = min(best[kind], (time.perf_counter() - started) / repeats)
+    finally:
+        batch.speculator = speculator
+        executor.apply(StepPlan(step=0, drop=(seq_id,)))
+        speculator.proposer.forget(set())
+        executor.digest = 0
+    return VerifyCost(best[1] / best["plain"], best[k_max] / best["plain"], k_max)
 
 
 # ---------------------------------------------------------------------------

@@ -122,6 +122,18 @@ def build_engine(ctx: RankContext, stream):
     if prefix_cache is not None:
         prefix_cache.agree_min = bus.agree_min
     executor.agree_min = bus.agree_min
+    if speculator is not None:
+        speculator.agree(bus.agree_min)
+        log.info(
+            "speculative decoding: a verify costs %.2f plain steps with 1 proposal, %.2f with %d (slowest rank)",
+            speculator.cost.narrow,
+            speculator.cost.wide,
+            speculator.num_tokens,
+        )
+        if not speculator.cost.best_k(1.0, speculator.num_tokens):
+            log.warning(
+                "speculative decoding will not run: even a fully accepted verify costs more than it yields here"
+            )
 
     frontend = None
     if ctx.rank == 0:
@@ -218,7 +230,7 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
     from mlx_cluster.engine.adapters import attach_adapters
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
-    from mlx_cluster.engine.speculate import make_speculator
+    from mlx_cluster.engine.speculate import make_speculator, measure_verify_cost
     from mlx_cluster.launcher.layout import microbatch_count
 
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
@@ -243,9 +255,11 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
 
     # The timed prefills only inform the prefix cache's cost model: none without a prefix cache.
     prefill_timing = warmup(executor, token_id=0, prefill_tokens=256 if supports_prefix_cache(loaded.model) else 0)
-    executor.stats.__init__()
     if speculator is not None:
+        # What a verify costs here decides when rows speculate (agreed across ranks once the bus is up).
+        speculator.cost = measure_verify_cost(executor, speculator)
         speculator.reset_stats()
+    executor.stats.__init__()
     # Attached after the warmup so its throwaway sequence stores nothing.
     executor.prefix_cache = prefix_cache = make_prefix_cache(cfg.cache, loaded, ctx.group, live_kv)
     if prefix_cache is not None and prefill_timing:
