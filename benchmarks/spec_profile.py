@@ -37,7 +37,7 @@ from mlx_cluster.cache.testing import generate, make_executor, new_sequences  # 
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
 from mlx_cluster.engine import speculate  # noqa: E402
 from mlx_cluster.engine.plan import StepPlan  # noqa: E402
-from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
+from mlx_cluster.engine.speculate import Speculator, VerifyCost, make_speculator, measure_verify_cost  # noqa: E402
 
 
 class Clock:
@@ -77,7 +77,9 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="*", default=[1, 2, 3, 5, 8])
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--free-form", action="store_true", help="random-token prompts instead of repetitive ones")
-    ap.add_argument("--min-acceptance", type=float, default=None, help="what-if: speculate.MIN_ACCEPTANCE")
+    ap.add_argument(
+        "--cost", type=float, nargs=2, default=None, help="what-if: verify cost (1 proposal, K), not measured"
+    )
     ap.add_argument("--max-backoff", type=int, default=None, help="what-if: speculate.MAX_BACKOFF_STEPS")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -105,8 +107,14 @@ def main() -> None:
     Speculator._rollback = staticmethod(clock.wrap("rollback", Speculator._rollback))
     Speculator._emit = staticmethod(clock.wrap("emit", Speculator._emit))
     speculator.proposer.propose = clock.wrap("propose", speculator.proposer.propose)
-    if args.min_acceptance is not None:  # what-ifs for the back-off rule (module constants)
-        speculate.MIN_ACCEPTANCE = args.min_acceptance
+    if args.cost:  # what-ifs for the back-off rule
+        speculator.cost = VerifyCost(*args.cost, args.num_tokens)
+    else:  # as a served rank does at start-up
+        speculator.cost = measure_verify_cost(
+            make_executor(loaded, None, max_batch_size=1, speculator=speculator), speculator
+        )
+    c = speculator.cost
+    lines.append(f"a verify step costs {c.narrow:.2f} plain steps (1 proposal) .. {c.wide:.2f} ({c.num_tokens})")
     if args.max_backoff is not None:
         speculate.MAX_BACKOFF_STEPS = args.max_backoff
 

@@ -30,7 +30,7 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_cluster.cache.testing import generate, make_executor  # noqa: E402
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
-from mlx_cluster.engine.speculate import make_speculator  # noqa: E402
+from mlx_cluster.engine.speculate import make_speculator, measure_verify_cost  # noqa: E402
 
 
 def workloads(vocab: int, n: int, seed: int) -> dict[str, list[list[int]]]:
@@ -93,6 +93,9 @@ def main() -> None:
 
     results: dict = {"forward_cost_by_width": forward_costs(loaded.model)}
     print("forward time of width W / width 1:", results["forward_cost_by_width"], flush=True)
+    speculator.cost = cost = measure_verify_cost(executors["on"], speculator)  # as a served rank does
+    results["verify_cost_in_plain_steps"] = {"1": round(cost.narrow, 2), str(cost.num_tokens): round(cost.wide, 2)}
+    print(f"a verify step costs {cost.narrow:.2f} plain steps (1 proposal) .. {cost.wide:.2f} ({cost.num_tokens})")
     for name, prompts in loads.items():
         times = {"off": [], "on": []}
         tokens = {"off": 0, "on": 0}
