@@ -229,6 +229,9 @@ class SpeculativeSection(_Strict):
     max_batch_size: int = Field(8, ge=1, le=1024)  # speculation pauses while more rows run
     prompt_lookup_min: int = Field(2, ge=1, le=16)  # method: ngram: shortest suffix looked up
     prompt_lookup_max: int = Field(4, ge=1, le=16)  # method: ngram: longest suffix looked up
+    # What a verify step costs in plain decode steps, [with 1 proposal, with num_tokens];
+    # measured at start-up when absent. Pin it for reproducible runs or a noisy host.
+    verify_cost: list[float] | None = Field(None, min_length=2, max_length=2)
 
     @model_validator(mode="after")
     def _method_fields(self) -> SpeculativeSection:
@@ -238,6 +241,11 @@ class SpeculativeSection(_Strict):
             raise ValueError("speculative.draft_model is only used with method: draft; remove it or set method: draft")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative.prompt_lookup_min must be at most speculative.prompt_lookup_max")
+        if self.verify_cost is not None and not all(0 < c <= 100 for c in self.verify_cost):
+            raise ValueError(
+                "speculative.verify_cost must be two numbers of plain decode steps in (0, 100], "
+                "e.g. [1.6, 1.6]; leave it out to measure at start-up"
+            )
         return self
 
 

@@ -222,6 +222,8 @@ def test_config_section_is_validated_with_the_key_named():
         ({"method": "ngram", "max_batch_size": 0}, "speculative.max_batch_size"),
         ({"method": "ngram", "prompt_lookup_min": 5}, "prompt_lookup_min must be at most"),
         ({"method": "ngram", "lookahead": 3}, "unknown key 'speculative.lookahead'"),
+        ({"method": "ngram", "verify_cost": [1.6]}, "speculative.verify_cost"),
+        ({"method": "ngram", "verify_cost": [0, 2]}, "speculative.verify_cost must be two numbers"),
     ]
     for section, message in bad:
         with pytest.raises(ConfigError, match=message):

@@ -295,9 +295,20 @@ class Speculator:
         self.proposer = proposer
         self.num_tokens = num_tokens
         self.max_batch_size = max_batch_size
-        self.cost = cost or VerifyCost(num_tokens=num_tokens)
+        self.cost = cost or VerifyCost(num_tokens=num_tokens)  # sets self.pays
         self.stats = SpecStats()
         self._rows: dict[int, _RowState] = {}
+
+    @property
+    def cost(self) -> VerifyCost:
+        return self._cost
+
+    @cost.setter
+    def cost(self, cost: VerifyCost) -> None:
+        self._cost = cost
+        # Where even a fully accepted verify of K yields fewer tokens than it costs, no row
+        # ever looks: no probes, no waits for pending tokens (the start-up log says so).
+        self.pays = cost.best_k(1.0, self.num_tokens) > 0
 
     def reset_stats(self) -> None:
         self.stats = SpecStats()
@@ -318,7 +329,9 @@ class Speculator:
         """This step's inputs and every row's proposals ([] for rows that do not verify), or None
         when no row has any: then the batch runs a plain step."""
         n = len(batch.uids)
-        if not n or n > self.max_batch_size or not all(type(c) is BatchKVCache for c in batch.prompt_cache):
+        if not (self.pays and n) or n > self.max_batch_size:
+            return None
+        if not all(type(c) is BatchKVCache for c in batch.prompt_cache):
             return None
         live = set(batch.uids)
         if any(u not in live for u in self._rows):
@@ -627,4 +640,5 @@ def make_speculator(section, target_tokenizer, vocab_size: int, builtin_dir: str
         section.num_tokens,
         section.max_batch_size,
     )
-    return Speculator(proposer, section.num_tokens, section.max_batch_size)
+    pinned = VerifyCost(*section.verify_cost, section.num_tokens) if section.verify_cost else None
+    return Speculator(proposer, section.num_tokens, section.max_batch_size, pinned)
