@@ -102,7 +102,7 @@ def main() -> None:
     model_call = type(model).__call__
     type(model).__call__ = clock.wrap("build", model_call)  # every forward, plain or verify
     mx.eval = clock.wrap("wait", mx.eval)
-    Speculator._verify = clock.wrap("verify step", Speculator._verify)
+    Speculator.verify = clock.wrap("verify step", Speculator.verify)
     Speculator.step = clock.wrap("spec step", Speculator.step)
     Speculator._rollback = staticmethod(clock.wrap("rollback", Speculator._rollback))
     Speculator._emit = staticmethod(clock.wrap("emit", Speculator._emit))

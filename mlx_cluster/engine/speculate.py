@@ -295,20 +295,15 @@ class Speculator:
         self.proposer = proposer
         self.num_tokens = num_tokens
         self.max_batch_size = max_batch_size
-        self.cost = cost or VerifyCost(num_tokens=num_tokens)  # sets self.pays
+        self.cost = cost or VerifyCost(num_tokens=num_tokens)
         self.stats = SpecStats()
         self._rows: dict[int, _RowState] = {}
 
     @property
-    def cost(self) -> VerifyCost:
-        return self._cost
-
-    @cost.setter
-    def cost(self, cost: VerifyCost) -> None:
-        self._cost = cost
-        # Where even a fully accepted verify of K yields fewer tokens than it costs, no row
-        # ever looks: no probes, no waits for pending tokens (the start-up log says so).
-        self.pays = cost.best_k(1.0, self.num_tokens) > 0
+    def pays(self) -> bool:
+        """Whether a fully accepted verify of K yields more tokens than it costs. Where it does
+        not, no row ever looks: no probes, no waits for pending tokens (the start-up log says so)."""
+        return self.cost.best_k(1.0, self.num_tokens) > 0
 
     def reset_stats(self) -> None:
         self.stats = SpecStats()
@@ -318,9 +313,15 @@ class Speculator:
         chosen = self.choose(batch)
         if chosen is None:
             return None
-        last, proposals = chosen
+        return self.verify(batch, *chosen)
+
+    def verify(self, batch, last: list[int], proposals: list[list[int]], account: bool = True) -> list:
+        """One verify forward over [last, proposals..] of every row, the cache rolled back past
+        the rejected positions, and the responses. `account=False` (the cost measurement)
+        leaves the counters and the rows' estimates alone."""
         accepted, targets, logprobs = self._verify(batch, last, proposals)
-        self.account(batch.uids, proposals, accepted)
+        if account:
+            self.account(batch.uids, proposals, accepted)
         self._rollback(batch.prompt_cache, 1 + max(len(p) for p in proposals), [a + 1 for a in accepted])
         batch._arrays().counter = batch._arrays().counter + mx.array([a + 1 for a in accepted], dtype=mx.uint32)
         return self._emit(batch, last, proposals, accepted, targets, logprobs)
@@ -559,11 +560,8 @@ def _time_verify(executor, speculator: Speculator, token_id: int = 0, repeats: i
 
         def verify(k: int) -> None:
             last = batch._next_tokens.tolist()
-            speculator.proposer.propose([uid], [batch.tokens[0] + last], [k])
-            proposals = [[token_id] * k]
-            accepted, targets, logprobs = speculator._verify(batch, last, proposals)
-            speculator._rollback(batch.prompt_cache, k + 1, [accepted[0] + 1])
-            speculator._emit(batch, last, proposals, accepted, targets, logprobs)
+            speculator.proposer.propose([uid], [batch.tokens[0] + last], [k])  # timed, not used
+            speculator.verify(batch, last, [[token_id] * k], account=False)
 
         kinds = {"plain": plain, 1: lambda: verify(1), k_max: lambda: verify(k_max)}
         best = {kind: float("inf") for kind in kinds}

@@ -255,10 +255,10 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
 
     # The timed prefills only inform the prefix cache's cost model: none without a prefix cache.
     prefill_timing = warmup(executor, token_id=0, prefill_tokens=256 if supports_prefix_cache(loaded.model) else 0)
-    if speculator is not None and not cfg.speculative.verify_cost:
-        # What a verify costs here decides when rows speculate (agreed across ranks once the bus is up).
-        speculator.cost = measure_verify_cost(executor, speculator)
     if speculator is not None:
+        if not cfg.speculative.verify_cost:
+            # What a verify costs here decides when rows speculate (agreed across ranks once the bus is up).
+            speculator.cost = measure_verify_cost(executor, speculator)
         speculator.reset_stats()
     executor.stats.__init__()
     # Attached after the warmup so its throwaway sequence stores nothing.
