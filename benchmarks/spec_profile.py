@@ -37,7 +37,8 @@ from mlx_cluster.cache.testing import generate, make_executor, new_sequences  # 
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
 from mlx_cluster.engine import speculate  # noqa: E402
 from mlx_cluster.engine.plan import StepPlan  # noqa: E402
-from mlx_cluster.engine.speculate import Speculator, VerifyCost, make_speculator, measure_verify_cost  # noqa: E402
+from mlx_cluster.engine.speculate import Speculator, make_speculator  # noqa: E402
+from mlx_cluster.engine.verify_cost import VerifyCost, measure_verify_cost  # noqa: E402
 
 
 class Clock:

@@ -37,7 +37,8 @@ def dump(args) -> None:
     from speculative import workloads
 
     from mlx_cluster.cache.testing import generate, make_executor
-    from mlx_cluster.engine.speculate import NgramProposer, Speculator, measure_verify_cost
+    from mlx_cluster.engine.speculate import NgramProposer, Speculator
+    from mlx_cluster.engine.verify_cost import measure_verify_cost
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.loader import load_model_shard
 
@@ -143,7 +144,8 @@ def replay_one(speculator, prompt: list[int], output: list[int], drained: float,
 
 def replay(args) -> None:
     from mlx_cluster.engine import speculate
-    from mlx_cluster.engine.speculate import NgramProposer, Speculator, VerifyCost
+    from mlx_cluster.engine.speculate import NgramProposer, Speculator
+    from mlx_cluster.engine.verify_cost import VerifyCost
 
     data = json.loads(Path(args.tokens).read_text())
     measured = data["verify_cost"]

@@ -30,7 +30,8 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_cluster.cache.testing import generate, make_executor  # noqa: E402
 from mlx_cluster.config import SpeculativeSection  # noqa: E402
-from mlx_cluster.engine.speculate import make_speculator, measure_verify_cost  # noqa: E402
+from mlx_cluster.engine.speculate import make_speculator  # noqa: E402
+from mlx_cluster.engine.verify_cost import measure_verify_cost  # noqa: E402
 
 
 def workloads(vocab: int, n: int, seed: int) -> dict[str, list[list[int]]]:

@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from spec_replay import replay_one  # noqa: E402
 
-from mlx_cluster.engine.speculate import NgramProposer, Speculator, VerifyCost  # noqa: E402
+from mlx_cluster.engine.speculate import NgramProposer, Speculator  # noqa: E402
+from mlx_cluster.engine.verify_cost import VerifyCost  # noqa: E402
 
 LOOP = [7, 8, 9, 10, 11, 12]
 

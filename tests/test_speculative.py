@@ -27,11 +27,10 @@ from mlx_cluster.engine.speculate import (
     NgramProposer,
     Proposer,
     Speculator,
-    VerifyCost,
     make_speculator,
-    measure_verify_cost,
     ngram_lookup,
 )
+from mlx_cluster.engine.verify_cost import VerifyCost, measure_verify_cost
 
 _ids = itertools.count(1000)
 N = 32

@@ -230,7 +230,8 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
     from mlx_cluster.engine.adapters import attach_adapters
     from mlx_cluster.engine.executor import Executor, warmup
     from mlx_cluster.engine.kv_quant import kv_budget, resolve_live_kv
-    from mlx_cluster.engine.speculate import make_speculator, measure_verify_cost
+    from mlx_cluster.engine.speculate import make_speculator
+    from mlx_cluster.engine.verify_cost import measure_verify_cost
     from mlx_cluster.launcher.layout import microbatch_count
 
     vocab_size = loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size
