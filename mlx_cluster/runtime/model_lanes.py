@@ -44,8 +44,6 @@ def attach_models(ctx, engine, served, stream, bus) -> ModelSet:
         result.executor.agree_min = bus.agree_min
         if result.prefix_cache is not None:
             result.prefix_cache.agree_min = bus.agree_min
-        if result.speculator is not None:
-            result.speculator.agree(bus.agree_min)
         return result
 
     def install(lane):  # grammar matchers are built against the tokenizer of the model that runs
