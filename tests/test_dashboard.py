@@ -138,8 +138,15 @@ def test_top_draws_every_rank_under_a_pseudo_terminal(cluster):
     os.close(child)
     try:
         pids = [str(p) for p in cluster.rank_pids()]
-        screen = read_pty(main, lambda t: "ranks" in t and all(p in t for p in pids) and t.count("up (") >= 2, 60)
-        assert "mlx-cluster top" in screen and "tok/s" in screen and "requests" in screen
+        drawn = ("mlx-cluster top", "tok/s", "requests")  # a whole frame: a read can end mid-draw
+        screen = read_pty(
+            main,
+            lambda t: (
+                "ranks" in t and all(p in t for p in pids) and t.count("up (") >= 2 and all(w in t for w in drawn)
+            ),
+            60,
+        )
+        assert all(w in screen for w in drawn)
         os.write(main, b"q")
         assert proc.wait(10) == 0
     finally:
