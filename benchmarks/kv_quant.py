@@ -180,6 +180,8 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3, help="TPOT rounds; 0: capacity only, no servers")
     p.add_argument("--step-rounds", type=int, default=0, help="also time the in-process decode step, in turns")
+    # A cold CUDA start compiles the quantized kernels first (~4 min on an H200, docs/benchmarks.md).
+    p.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to become ready")
     p.add_argument("--models-dir", default=str(Path("~/.cache/mlx-cluster/models").expanduser()))
     p.add_argument("--out")
     args = p.parse_args()
@@ -220,7 +222,9 @@ def main() -> None:
                 "supervisor": {"collective_timeout_s": 300},
             }
             (root / bits).mkdir()
-            clusters[bits] = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config).start()
+            clusters[bits] = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config).start(
+                timeout_s=args.ready_timeout
+            )
         for _ in range(args.rounds):
             for bits, c in clusters.items():
                 result["variants"][bits].setdefault("tpot_ms", []).append(tpot_ms(c, args))

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, make_prompt_cache
 
 from mlx_cluster.cache.testing import cache_config, generate, load_tiny, make_executor, random_prompt
@@ -111,6 +112,52 @@ def test_batch_cache_operations_mirror_mlx_lm_batch_cache():
     assert q.trim(2) == ref.trim(2) == 2
     _same(q, ref, live)
     assert q.make_mask(1).tolist() == ref.make_mask(1).tolist()
+
+
+def test_whole_allocation_reads_attend_like_the_view():
+    """With contiguous_reads (mlx's CUDA quantized_matmul refuses strided views), attention reads
+    the whole allocation with the unused room masked: the same attention output as the view at
+    every update, through prefill, decode, a filter that drops shared left padding, and a trim."""
+    live = LiveKV(8, 64)
+    heads, dim = 2, 64
+
+    def merged(contiguous: bool) -> BatchQuantizedKVCache:
+        singles = []
+        for n in (5, 9):
+            c = QuantizedSequenceCache(live.group_size, live.bits)
+            c.update_and_fetch(*_kv(1, n, seed=n))
+            singles.append(c)
+        batch = BatchQuantizedKVCache.merge(singles)
+        batch.contiguous_reads = contiguous
+        return batch
+
+    view, whole = merged(False), merged(True)
+
+    def attend(n: int, seed: int) -> None:
+        rows = view.offset.shape[0]
+        k, v = _kv(rows, n, seed=seed)
+        q = mx.random.normal((rows, heads * 2, n, dim), key=mx.random.key(seed + 1)).astype(mx.bfloat16)
+        outs = []
+        for c in (view, whole):
+            mask = c.make_mask(n)
+            keys, values = c.update_and_fetch(k, v)
+            assert mask.shape[-1] == keys[0].shape[2]
+            # a copy: mlx-lm's attention scales its queries in place
+            outs.append(quantized_scaled_dot_product_attention(q * 1, keys, values, 0.125, mask, 64, 8))
+            if c is whole:  # read whole, the room past the last token included
+                assert keys[0].shape[2] == c.keys[0].shape[2] > c._idx
+        assert mx.allclose(outs[0].astype(mx.float32), outs[1].astype(mx.float32), atol=1e-3).item()
+
+    attend(3, seed=20)  # a prefill chunk over the merged rows
+    for step in range(3):
+        attend(1, seed=30 + step)
+    for c in (view, whole):
+        c.filter([0])  # the shorter row alone: its left padding is dropped (a strided view, copied)
+    attend(1, seed=40)
+    for c in (view, whole):
+        c.trim(2)  # rolled back, as speculation does: the trimmed tokens stay in the room, masked
+    attend(2, seed=50)
+    attend(260, seed=60)  # grows the allocation inside the update
 
 
 @pytest.mark.parametrize(("bits", "ratio"), [(8, (1 + 4 / 64) / 2), (4, (0.5 + 4 / 64) / 2)])

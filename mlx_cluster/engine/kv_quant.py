@@ -21,10 +21,13 @@ Each rank quantizes its own KV heads (a tensor-parallel shard is just fewer head
 Contiguous reads: the cache keeps room for 256 more tokens, so what attention reads is a view
 whose rows are strided. Metal and the CPU multiply such views; mlx's CUDA `quantized_matmul`
 (0.32) has kernels only for row-contiguous operands and refuses the view ("No implementation
-for problem shape"). When the start-up probe finds that, attention reads a contiguous copy of
-the layer's quantized cache instead (`LiveKV.contiguous_reads`): about 3x the quantized bytes
-moved per step (copy in, copy out, read) instead of 1x, still less than a 16-bit cache at 4
-bits and ~1.6x its traffic at 8 bits, for the same capacity gain.
+for problem shape"). When the start-up probe finds that (`LiveKV.contiguous_reads`), attention
+reads the whole allocation, which is row-contiguous, and the causal mask covers the unused room
+as it covers future tokens: masked scores weigh exactly zero, so the tokens are those of the
+view. It costs attention over at most 255 more positions, where a contiguous copy of the view
+cost six copy kernels per layer and step (~190 on a 32-layer model; 1.5x the step on an H200).
+Operations that would leave the allocation a strided view (dropping shared left padding) copy
+it once instead.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class LiveKV:
 
     bits: int
     group_size: int
-    contiguous_reads: bool = False  # attention reads contiguous copies (see the module docstring)
+    contiguous_reads: bool = False  # the backend multiplies only row-contiguous operands (module docstring)
 
     def empty_caches(self, n_layers: int) -> list[QuantizedSequenceCache]:
         return [self.sequence_cache() for _ in range(n_layers)]
@@ -123,8 +126,13 @@ class BatchQuantizedKVCache(_BaseCache):
         for stored, new in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
             for s, x in zip(stored, new):
                 s[..., prev : self._idx, :] = x
-        kv = self.keys_and_values()
-        return _contiguous(kv) if self.contiguous_reads else kv
+        if self.contiguous_reads:  # the whole allocation; make_mask hides the room past _idx
+            return self.keys, self.values
+        return self.keys_and_values()
+
+    def _stored(self, view: mx.array) -> mx.array:
+        """A view about to become the allocation: copied when attention reads the allocation whole."""
+        return mx.contiguous(view) if self.contiguous_reads else view
 
     def _quantize(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
@@ -162,7 +170,9 @@ class BatchQuantizedKVCache(_BaseCache):
         min_left_pad = min(self.left_padding.tolist())
         if min_left_pad > 0:  # drop padding every row has
             if self.keys is not None:
-                self.keys, self.values = tree_map(lambda x: x[..., min_left_pad:, :], (self.keys, self.values))
+                self.keys, self.values = tree_map(
+                    lambda x: self._stored(x[..., min_left_pad:, :]), (self.keys, self.values)
+                )
             self._idx -= min_left_pad
             self.left_padding -= min_left_pad
 
@@ -239,8 +249,19 @@ class BatchQuantizedKVCache(_BaseCache):
         return out
 
     # ---- the rest of mlx-lm's cache interface ----------------------------------------
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs)
+    def make_mask(self, N: int, return_array: bool = False, window_size=None, **kwargs):
+        if not self.contiguous_reads:
+            return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, window_size=window_size)
+        # Keys span the allocation as it will be after this update of N tokens (update_and_fetch);
+        # causality masks the room past the last token as it masks future tokens.
+        capacity = 0 if self.keys is None else self.keys[0].shape[2]
+        width = capacity if self._idx + N <= capacity else self._idx + (self.step + N - 1) // self.step * self.step
+        queries = mx.arange(self._idx, self._idx + N)[:, None]
+        keys = mx.arange(width)[None]
+        mask = (queries >= keys) & (mx.expand_dims(self.left_padding, (1, 2, 3)) <= keys)
+        if window_size is not None:
+            mask = mask & (queries < keys + window_size)
+        return mask
 
     @property
     def state(self):
@@ -343,7 +364,7 @@ def readable_live_kv(model, live: LiveKV) -> tuple[LiveKV | None, str | None]:
         return None, error
     log.info(
         "live KV cache: this backend's quantized attention needs contiguous operands; each attention reads "
-        "a contiguous copy of its layer's %d-bit cache (more memory traffic per step, the same capacity)",
+        "its layer's whole %d-bit allocation, the unused room masked (at most 255 more positions, the same capacity)",
         live.bits,
     )
     return fallback, None
