@@ -392,6 +392,7 @@ def resolve_live_kv(cache_cfg, model) -> LiveKV | None:
             live = LiveKV(bits, groups.pop())
     reason = reason or cache_kind_reason(model)
     if reason is None:  # plain caches with one group: `live` is set
+        log.info("live KV cache: probing %d-bit attention (the first use on a CUDA machine compiles kernels)", bits)
         usable, error = readable_live_kv(model, live)
         if usable is not None:
             return usable

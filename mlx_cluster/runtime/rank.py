@@ -255,7 +255,10 @@ def serve_model(ctx: RankContext, cfg, loaded, layouts, stream) -> ServedModel:
     from mlx_cluster.cache import supports_prefix_cache
 
     # The timed prefills only inform the prefix cache's cost model: none without a prefix cache.
+    started = time.monotonic()
     prefill_timing = warmup(executor, token_id=0, prefill_tokens=256 if supports_prefix_cache(loaded.model) else 0)
+    # On a fresh CUDA machine this is where mlx compiles its kernels: minutes with a quantized live KV.
+    log.info("warm-up: every kind of step ran once in %.1f s", time.monotonic() - started)
     if speculator is not None:
         if not cfg.speculative.verify_cost:
             # What a verify costs here decides when rows speculate (agreed across ranks once the bus is up).
