@@ -133,10 +133,13 @@ class Cluster:
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        # One block for the HTTP port and the group's ports, so neither can land on the other (two
+        # independent picks once gave rank 1 the port rank 0's HTTP server had bound: every restart failed).
+        base_port = free_port_block(9)
+        self.port = base_port + 8
         self.name = name or f"test-{self.port}"
         cfg = {
-            "cluster": {"name": self.name, "run_dir": str(self.workdir / "runs"), "base_port": free_port_block(8)},
+            "cluster": {"name": self.name, "run_dir": str(self.workdir / "runs"), "base_port": base_port},
             "hosts": [{"host": "localhost", "ranks": ranks}],
             "model": {"path": "builtin:tiny", "builtin_dir": str(models_dir or self.workdir / "models")},
             "server": {"port": self.port},

@@ -74,6 +74,14 @@ def test_busy_port_is_named():
             check_local_ports(plan_placement(cfg))
 
 
+def test_http_port_inside_the_rank_ports_is_refused():
+    """server.port on a port rank 1 binds would fail rank 1 on every restart; refused up front."""
+    cfg = load_config(None, ["hosts=[{host: localhost, ranks: 2}]", "cluster.base_port=6000", "server.port=6001"])
+    with pytest.raises(ConfigError, match=r"server.port=6001 is also a port .*6000-6003.*outside that range"):
+        plan_placement(cfg)
+    plan_placement(load_config(None, ["hosts=[{host: localhost, ranks: 2}]", "cluster.base_port=6000"]))  # 8000: fine
+
+
 def test_hostfile_is_mlx_launch_format():
     cfg = load_config(None, ["hosts=[{host: localhost, ranks: 2}]", "cluster.env={A: b}"])
     data = json.loads(write_hostfile(cfg))

@@ -104,6 +104,7 @@ def plan_placement(config: ClusterConfig) -> Placement:
     status_link = (ips0[0], next_port + 1)  # runtime/status_link.py: per-rank reports for the dashboard
     if world > 1:
         ports += [doorbell, status_link]
+    _check_http_port_apart(config, ips0, ports)
     ranks = []
     for i, (_, host, local_index) in enumerate(specs):
         env = {
@@ -117,6 +118,18 @@ def plan_placement(config: ClusterConfig) -> Placement:
         }
         ranks.append(RankSpec(rank=i, host=host, local_index=local_index, env=env))
     return Placement(world, backend, tuple(ranks), doorbell, tuple(ports), status_link)
+
+
+def _check_http_port_apart(config: ClusterConfig, ips0: list[str], ports: list[tuple[str, int]]) -> None:
+    """Rank 0's HTTP server binds server.port on the first host; a rank port there with the same
+    number would fail its bind on every restart (seen as `[ring] Couldn't bind socket`)."""
+    used = [port for ip, port in ports if ip in ips0]
+    if config.server.port in used:
+        raise ConfigError(
+            f"server.port={config.server.port} is also a port the ranks talk over on "
+            f"{config.host_list()[0].host} (cluster.base_port={config.cluster.base_port} takes "
+            f"{min(used)}-{max(used)} there): choose a server.port outside that range, or another cluster.base_port"
+        )
 
 
 def _check_rdma(hosts, specs, backend: str) -> None:
