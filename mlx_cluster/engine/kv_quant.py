@@ -60,10 +60,6 @@ class LiveKV:
         return QuantizedSequenceCache(self.group_size, self.bits, self.contiguous_reads)
 
 
-def _contiguous(kv):
-    return tree_map(mx.contiguous, kv)
-
-
 class QuantizedSequenceCache(QuantizedKVCache):
     """One sequence's quantized KV (empty, restored, or extracted), mergeable into a batch."""
 
@@ -73,7 +69,8 @@ class QuantizedSequenceCache(QuantizedKVCache):
 
     def update_and_fetch(self, keys, values):
         kv = super().update_and_fetch(keys, values)
-        return _contiguous(kv) if self.contiguous_reads else kv
+        # Batches read their whole allocation (BatchQuantizedKVCache); a lone sequence's attention copies.
+        return tree_map(mx.contiguous, kv) if self.contiguous_reads else kv
 
     def size(self):
         return self.offset
@@ -108,8 +105,9 @@ class BatchQuantizedKVCache(_BaseCache):
     # ---- writing ---------------------------------------------------------------------
     def update_and_fetch(self, keys, values):
         prev, n = self._idx, keys.shape[2]
-        if self.keys is None or prev + n > self.keys[0].shape[2]:
-            grow = (self.step + n - 1) // self.step * self.step
+        size = self._allocation_after(n)
+        if size != self._allocated():
+            grow = size - prev
             new_k, new_v = (
                 self._quantize(mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)),
                 self._quantize(mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)),
@@ -129,6 +127,16 @@ class BatchQuantizedKVCache(_BaseCache):
         if self.contiguous_reads:  # the whole allocation; make_mask hides the room past _idx
             return self.keys, self.values
         return self.keys_and_values()
+
+    def _allocated(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[2]
+
+    def _allocation_after(self, n: int) -> int:
+        """The allocation's length once n more tokens are written: as it is if they fit, else cut
+        at the last token and grown by whole steps. update_and_fetch grows it so; make_mask spans it."""
+        if self._idx + n <= self._allocated():
+            return self._allocated()
+        return self._idx + (self.step + n - 1) // self.step * self.step
 
     def _stored(self, view: mx.array) -> mx.array:
         """A view about to become the allocation: copied when attention reads the allocation whole."""
@@ -249,19 +257,14 @@ class BatchQuantizedKVCache(_BaseCache):
         return out
 
     # ---- the rest of mlx-lm's cache interface ----------------------------------------
-    def make_mask(self, N: int, return_array: bool = False, window_size=None, **kwargs):
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        mask = create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs)
         if not self.contiguous_reads:
-            return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, window_size=window_size)
-        # Keys span the allocation as it will be after this update of N tokens (update_and_fetch);
-        # causality masks the room past the last token as it masks future tokens.
-        capacity = 0 if self.keys is None else self.keys[0].shape[2]
-        width = capacity if self._idx + N <= capacity else self._idx + (self.step + N - 1) // self.step * self.step
-        queries = mx.arange(self._idx, self._idx + N)[:, None]
-        keys = mx.arange(width)[None]
-        mask = (queries >= keys) & (mx.expand_dims(self.left_padding, (1, 2, 3)) <= keys)
-        if window_size is not None:
-            mask = mask & (queries < keys + window_size)
-        return mask
+            return mask
+        # Attention reads the whole allocation this update leaves: the room past the last token
+        # is masked, as future tokens are.
+        room = self._allocation_after(N) - (self._idx + N)
+        return mx.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, room)]) if room else mask
 
     @property
     def state(self):
