@@ -6,6 +6,8 @@
 #   iproute2        `ip netns`, `ip link` for the namespaces, veths and bridge
 #   chromium        the headless browser tests/test_dashboard.py drives (the dashboard, playground)
 #   chromium-driver chromedriver, through which selenium drives it
+#   libopenblas0-pthread  an optimized BLAS: cluster.cpu_blas: auto loads it for mlx's CPU
+#                   matmuls (mlx's Linux wheel bundles the reference BLAS), in ranks and tests alike
 #
 # Idempotent and quiet: does nothing when everything is there, runs `apt-get update`
 # only when something has to be installed. On a machine without apt, or when not root,
@@ -19,11 +21,12 @@ declare -A wanted=(
   [iproute2]=/usr/sbin/ip
   [chromium]=/usr/bin/chromium
   [chromium-driver]=/usr/bin/chromedriver
+  [libopenblas0-pthread]=/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 )
 
 missing=()
 for pkg in "${!wanted[@]}"; do
-  [[ -x "${wanted[$pkg]}" ]] || missing+=("$pkg")
+  [[ -e "${wanted[$pkg]}" ]] || missing+=("$pkg")
 done
 
 if [[ ${#missing[@]} -eq 0 ]]; then

@@ -68,11 +68,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def start_ours(
-    model: str, ranks: int, workdir: Path, max_batch: int, parallel=None, backend: str | None = None
+    model: str,
+    ranks: int,
+    workdir: Path,
+    max_batch: int,
+    parallel=None,
+    backend: str | None = None,
+    cpu_blas: str = "auto",
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = {
-        "cluster": {"name": f"bench-{port}", "run_dir": str(workdir / "runs"), "base_port": free_port()},
+        "cluster": {
+            "name": f"bench-{port}",
+            "run_dir": str(workdir / "runs"),
+            "base_port": free_port(),
+            "cpu_blas": cpu_blas,
+        },
         "hosts": [{"host": "localhost", "ranks": ranks}],
         "model": {"path": model, "name": model},
         "server": {"port": port},
@@ -130,7 +141,18 @@ def summary_row(r: dict) -> dict:
     }
 
 
-def start_anchor(model: str, ranks: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+def anchor_env(cpu_blas: str, ranks: int) -> dict[str, str]:
+    """Like with like on a Linux CPU: with `auto`, mlx_lm.server multiplies with the same OpenBLAS
+    that our ranks load (cluster.cpu_blas), preloaded, one share of the cores per rank."""
+    from mlx_cluster.runtime.cpu_blas import default_threads, find_openblas
+
+    blas = find_openblas() if cpu_blas == "auto" and sys.platform.startswith("linux") else None
+    if blas is None:
+        return dict(os.environ)
+    return {**os.environ, "LD_PRELOAD": blas, "OPENBLAS_NUM_THREADS": str(default_threads(ranks))}
+
+
+def start_anchor(model: str, ranks: int, workdir: Path, cpu_blas: str = "auto") -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port)]
     if ranks > 1:
@@ -149,7 +171,13 @@ def start_anchor(model: str, ranks: int, workdir: Path) -> tuple[subprocess.Pope
         ]
     else:
         cmd = server
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=anchor_env(cpu_blas, ranks),
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -195,6 +223,12 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument(
+        "--cpu-blas",
+        default="auto",
+        choices=["auto", "bundled"],
+        help="CPU matmuls of both servers: auto = the system's OpenBLAS where there is one, bundled = mlx's own",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -207,14 +241,14 @@ def main() -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    results: dict = {"preset": args.preset, "ranks": args.ranks, "model": model, "runs": []}
+    results: dict = {"preset": args.preset, "ranks": args.ranks, "model": model, "cpu_blas": args.cpu_blas, "runs": []}
     for concurrency in args.concurrency:
         for repeat in range(args.repeats):
             for name in ("mlx-cluster", "mlx_lm.server"):
                 if name == "mlx-cluster":
-                    proc, url = start_ours(model, args.ranks, workdir, args.max_batch)
+                    proc, url = start_ours(model, args.ranks, workdir, args.max_batch, cpu_blas=args.cpu_blas)
                 else:
-                    proc, url = start_anchor(model, args.ranks, workdir)
+                    proc, url = start_anchor(model, args.ranks, workdir, args.cpu_blas)
                 try:
                     wait_up(url, proc)
                     # mlx_lm.server serves its --model as "default_model".

@@ -30,6 +30,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlx_cluster.runtime.cpu_blas import use_cpu_blas_from_env  # noqa: E402
+
+use_cpu_blas_from_env()  # before mlx: multiply as a served rank does (cluster.cpu_blas: auto, or MLX_CLUSTER_CPU_BLAS)
 
 import mlx.core as mx  # noqa: E402
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def dump(args) -> None:
+    from speculative import workloads  # noqa: I001  (first: it picks the CPU BLAS, before mlx loads)
     import mlx.core as mx
-    from speculative import workloads
 
     from mlx_cluster.cache.testing import generate, make_executor
     from mlx_cluster.engine.speculate import NgramProposer, Speculator

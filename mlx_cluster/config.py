@@ -47,6 +47,7 @@ class ClusterSection(_Strict):
     base_port: int = Field(5500, ge=1024, le=65000)
     connections_per_ip: int = Field(1, ge=1, le=8)
     run_dir: str = "~/.cache/mlx-cluster/runs"
+    cpu_blas: str = "auto"  # auto | bundled | a library path: what mlx's CPU matmuls run on (runtime/cpu_blas.py)
     # None: all tensor parallel (as before); auto: measured at start-up (launcher/layout.py)
     parallel: ParallelSection | Literal["auto"] | None = None
 
@@ -62,6 +63,13 @@ class ClusterSection(_Strict):
             return ParallelSection.model_validate(v)
         except ValidationError as e:
             raise ValueError(f"{_first_message(e)}; write {{tensor: T, pipeline: P}} or auto") from None
+
+    @field_validator("cpu_blas")
+    @classmethod
+    def _cpu_blas(cls, v: str) -> str:
+        if v in ("auto", "bundled") or v.startswith(("/", "~")):
+            return v
+        raise ValueError("must be auto, bundled, or the absolute path of a BLAS library (e.g. libopenblas.so.0)")
 
     @field_validator("env")
     @classmethod

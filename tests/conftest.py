@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster import Cluster
+from mlx_cluster.runtime.cpu_blas import use_cpu_blas
+
+# The ranks the tests start load the system's BLAS (cluster.cpu_blas: auto); so does this process,
+# before anything imports mlx, so that references computed here (mlx-lm's generate) multiply alike.
+use_cpu_blas("auto")
+
+from tests.cluster import Cluster  # noqa: E402
 
 
 @pytest.fixture(scope="session")

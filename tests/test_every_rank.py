@@ -14,6 +14,7 @@ from datetime import datetime
 import httpx
 import pytest
 
+from mlx_cluster.runtime.cpu_blas import default_threads, find_openblas
 from tests.cluster import REPO, Cluster
 
 pytestmark = pytest.mark.slow
@@ -124,6 +125,9 @@ def test_logs_command_shows_each_rank_and_follows(pair):
     assert "[rank0]" in both and "[rank1]" in both
     one = pair.logs(rank=1)
     assert "rank 1 of 2 joined the ring group" in one
+    # Two ranks share this host's cores: with an OpenBLAS here, each rank gets half of them.
+    blas = find_openblas()
+    assert (f"CPU matmuls: {blas} ({default_threads(2)} thread" if blas else "CPU matmuls: mlx's bundled") in one
     assert all(line.startswith("[rank1] ") for line in one.splitlines())
     assert len(pair.logs(rank=0, lines=3).splitlines()) == 3
 

@@ -64,7 +64,8 @@ def plan_placement(config: ClusterConfig) -> Placement:
     world = len(specs)
     ips0 = _ips(hosts[0], 0, backend) if world > 1 else ["127.0.0.1"]
     ports: list[tuple[str, int]] = []
-    common: dict[str, str] = {}
+    # Read by the rank before it parses its config (parsing imports mlx-lm, and so mlx).
+    common: dict[str, str] = {"MLX_CLUSTER_CPU_BLAS": config.cluster.cpu_blas}
     per_rank: list[dict[str, str]] = [{} for _ in specs]
     next_port = base
 
@@ -112,6 +113,7 @@ def plan_placement(config: ClusterConfig) -> Placement:
             **per_rank[i],
             "MLX_RANK": str(i),
             "MLX_CLUSTER_WORLD_SIZE": str(world),
+            "MLX_CLUSTER_LOCAL_RANKS": str(host.ranks),  # how many share this host's cores
             "MLX_CLUSTER_BACKEND": backend,
             "MLX_CLUSTER_DOORBELL": f"{doorbell[0]}:{doorbell[1]}",
             "MLX_CLUSTER_STATUS_LINK": f"{status_link[0]}:{status_link[1]}",

@@ -420,6 +420,11 @@ def main() -> None:
     from mlx_cluster.engine.memory import fix_mmap_threshold
 
     fix_mmap_threshold()  # large MLX arrays are unmapped when freed, not left to fragment the heap
+    from mlx_cluster.runtime.cpu_blas import use_cpu_blas_from_env
+
+    # First of all, before anything imports mlx (parsing the config does, through mlx-lm): it
+    # decides what mlx's cblas_sgemm binds to for the life of this process.
+    blas = use_cpu_blas_from_env()
     config = config_from_json(os.environ["MLX_CLUSTER_CONFIG"])
     rank = int(os.environ.get("MLX_RANK", "0"))
     world_size = int(os.environ.get("MLX_CLUSTER_WORLD_SIZE", "1"))
@@ -432,6 +437,7 @@ def main() -> None:
         timer=_NeverBusy, timeout_s=1e9, on_fatal=lambda _: None, parent_pid=ctx.parent_pid, watch_stdin=ctx.watch_stdin
     ).start()
     materialize_files()
+    log.info(blas)
     ctx.group = init_group(ctx)
     log.info("rank %d of %d joined the %s group", rank, world_size, ctx.backend if world_size > 1 else "local")
 
