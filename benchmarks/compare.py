@@ -46,9 +46,11 @@ def wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                # mlx_lm.server has no readiness probe: one request proves it can generate.
-                httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=120)
-                return
+                # mlx_lm.server has no readiness probe: one request proves it can generate. Ours
+                # lists its models while it loads and answers 503 `loading` until it is ready.
+                r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=120)
+                if r.status_code == 200:
+                    return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
