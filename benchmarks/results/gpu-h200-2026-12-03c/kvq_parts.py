@@ -23,6 +23,7 @@ from mlx_cluster.engine.kv_quant import BatchQuantizedKVCache
 model, _ = load(sys.argv[1])
 GROUP = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 LAYERS = len(model.layers)
+VOCAB = model.args.vocab_size
 mlx_lm_attention = llama.scaled_dot_product_attention
 
 
@@ -42,7 +43,7 @@ def caches(kind: str, batch: int) -> list:
 
 def prefill(kind: str, batch: int = 1, tokens: int = 1024, chunk: int = 512):
     cache = caches(kind, batch)
-    x = mx.array([[(i * 7 + 3) % 30000 + 10 for i in range(tokens)]] * batch)
+    x = mx.array([[(i * 7 + 3) % (VOCAB - 10) + 10 for i in range(tokens)]] * batch)
     mx.synchronize()
     t0 = time.perf_counter()
     for s in range(0, tokens, chunk):
