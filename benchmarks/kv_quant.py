@@ -140,6 +140,34 @@ def decode_step_ms(model: str, models_dir: str, variants: list[str], args) -> di
     return times
 
 
+def prefill_ms(model: str, models_dir: str, variants: list[str], args) -> dict[str, list[float]]:
+    """In-process prefill of `--concurrency` prompts of `--input-len` tokens at once (chunks of
+    512, then one token each), the variants in turns (`--prefill-rounds`), a fresh executor per
+    run: what a burst of new requests costs before any of them decodes."""
+    import mlx.core as mx
+
+    from mlx_cluster.cache.testing import generate, make_executor
+    from mlx_cluster.config import CacheSection
+    from mlx_cluster.engine.kv_quant import resolve_live_kv
+    from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.loader import load_model_shard
+
+    loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
+    prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.input_len)] for i in range(args.concurrency)]
+    lives = {}
+    for name in variants:
+        bits, group = _variant(name, args)
+        lives[name] = resolve_live_kv(CacheSection(kv_bits=bits, kv_group_size=group), loaded.model)
+    times = {name: [] for name in variants}
+    for _ in range(args.prefill_rounds):
+        for name, live in lives.items():
+            ex = make_executor(loaded, None, max_batch_size=args.concurrency, live_kv=live)
+            started = time.perf_counter()
+            generate(ex, prompts, 1)
+            times[name].append((time.perf_counter() - started) * 1000)
+    return times
+
+
 def tpot_ms(cluster: Cluster, args) -> float:
     cmd = [
         sys.executable,
@@ -168,6 +196,20 @@ def tpot_ms(cluster: Cluster, args) -> float:
     return report["tpot_ms"]["mean"]
 
 
+def _report(result: dict, key: str, what: str, runs_by: dict[str, list[float]]) -> None:
+    """Each variant's runs (ms), and its median over the first variant's, into result and stdout."""
+    base = statistics.median(next(iter(runs_by.values())))
+    for bits, runs in runs_by.items():
+        v = result["variants"][bits]
+        v[f"{key}_ms"] = runs
+        v[f"{key}_ratio"] = statistics.median(runs) / base
+        print(
+            f"kv_bits={bits}: {what} median {statistics.median(runs):.2f} ms "
+            f"({v[f'{key}_ratio']:.3f}x) runs {[round(t, 2) for t in runs]}",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:tiny", help=f"builtin:NAME, a directory, or {BF16_HD128}")
@@ -183,6 +225,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3, help="TPOT rounds; 0: capacity only, no servers")
     p.add_argument("--step-rounds", type=int, default=0, help="also time the in-process decode step, in turns")
+    p.add_argument("--prefill-rounds", type=int, default=0, help="also time an in-process batch prefill, in turns")
     # A cold CUDA start compiles the quantized kernels first (~4 min on an H200, docs/benchmarks.md).
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to become ready")
     p.add_argument("--models-dir", default=str(Path("~/.cache/mlx-cluster/models").expanduser()))
@@ -204,16 +247,11 @@ def main() -> None:
         v["peak_running_ratio"] = v["peak_running"] / result["variants"][base]["peak_running"]
         print(f"kv_bits={bits}: peak running {v['peak_running']} ({v['peak_running_ratio']:.2f}x)", flush=True)
     if args.step_rounds:
-        steps = decode_step_ms(args.model, args.models_dir, args.kv_bits, args)
-        for bits, runs in steps.items():
-            v = result["variants"][bits]
-            v["decode_step_ms"] = runs
-            v["decode_step_ratio"] = statistics.median(runs) / statistics.median(steps[base])
-            print(
-                f"kv_bits={bits}: decode step at batch {args.concurrency} median {statistics.median(runs):.2f} ms "
-                f"({v['decode_step_ratio']:.3f}x) runs {[round(t, 2) for t in runs]}",
-                flush=True,
-            )
+        what = f"decode step at batch {args.concurrency}"
+        _report(result, "decode_step", what, decode_step_ms(args.model, args.models_dir, args.kv_bits, args))
+    if args.prefill_rounds:
+        what = f"prefill of {args.concurrency} x {args.input_len} tokens"
+        _report(result, "prefill", what, prefill_ms(args.model, args.models_dir, args.kv_bits, args))
     try:
         for bits in args.kv_bits if args.rounds else ():
             kv_bits, group = _variant(bits, args)

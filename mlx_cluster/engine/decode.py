@@ -29,6 +29,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlx_cluster.engine.kv_quant import prefill_reads
 from mlx_cluster.engine.plan import SamplingParams
 from mlx_cluster.models.lora import select_rows
 
@@ -282,6 +283,8 @@ class PromptBatch(PromptProcessingBatch):
         from mlx_cluster.engine.microbatch import pipelined_prefill
 
         self.model = pipelined_prefill(model) or model
+        caches = self.prompt_cache
+        self.prompt_cache = prefill_reads(caches)  # quantized live KV on a CPU: fused SDPA (kv_quant.py)
         try:
             if not (self.timed and self.on_prefill is not None and tokens):
                 return super().prompt(tokens)
@@ -290,6 +293,7 @@ class PromptBatch(PromptProcessingBatch):
             self.on_prefill(sum(len(t) for t in tokens), time.perf_counter() - started)
         finally:
             self.model = model
+            self.prompt_cache = caches
 
     def generate(self, tokens):
         # mlx-lm's generate(), except for the class of the batch it returns.

@@ -11,7 +11,9 @@ with joining rows, filter finished ones, extract one row, trim.
 When it quantizes: every key and value is quantized as it is written, and every attention,
 prefill included, reads the quantized cache. A sequence's tokens are therefore those of
 mlx-lm's single stream with a `QuantizedKVCache` from the start (`generate(...,
-prompt_cache=[QuantizedKVCache(group, bits)] * layers)`). mlx-lm's `generate(kv_bits=...)`
+prompt_cache=[QuantizedKVCache(group, bits)] * layers)`). On a CPU a prefill chunk reads the
+same quantized values dequantized, through the fused SDPA kernel (`DequantizedReads`: mlx's CPU
+`quantized_matmul` made prefill 4x slower); only the rounding of the attention differs. mlx-lm's `generate(kv_bits=...)`
 differs only in its first prefill chunk, which it attends at full precision before converting.
 Quantizing at write keeps the memory bound exact (no 16-bit prompt ever sits in the batch) and
 makes prefix-cache restores lossless: stored blocks are the live cache's own bytes.
@@ -297,6 +299,39 @@ class BatchQuantizedKVCache(_BaseCache):
 
 
 # ---- start-up: can this model use it, and what does it buy --------------------------------
+
+
+class DequantizedReads:
+    """A batch cache as a prefill chunk's attention reads it on a CPU: the same quantized
+    storage, handed out dequantized, and without `bits`, so mlx-lm's attention takes the fused
+    SDPA path instead of two `quantized_matmul`s.
+
+    mlx's CPU `quantized_matmul` made a bf16 prefill of 8 x 1,024 tokens 4.1x slower than full
+    precision; dequantizing each layer once per chunk brings it to 1.1x (docs/benchmarks.md,
+    "Quantized live KV, CPU"). On the H200 both ways cost the same within 7%, so GPUs keep the
+    quantized products. Decode steps (one token) always read the quantized cache. What is stored
+    is unchanged: keys and values are quantized as they are written, either way.
+    """
+
+    def __init__(self, cache: BatchQuantizedKVCache):
+        self._cache = cache
+
+    def update_and_fetch(self, keys, values):
+        c = self._cache
+        stored = c.update_and_fetch(keys, values)
+        return tuple(mx.dequantize(*x, group_size=c.group_size, bits=c.bits).astype(keys.dtype) for x in stored)
+
+    def __getattr__(self, name):
+        if name == "bits":  # hasattr(cache, "bits") is mlx-lm's switch to quantized attention
+            raise AttributeError(name)
+        return getattr(self._cache, name)
+
+
+def prefill_reads(caches: list) -> list:
+    """The caches a prefill chunk runs on: quantized batch caches read dequantized on a CPU."""
+    if mx.default_device() != mx.cpu:
+        return caches
+    return [DequantizedReads(c) if isinstance(c, BatchQuantizedKVCache) else c for c in caches]
 
 
 @dataclass(frozen=True)
