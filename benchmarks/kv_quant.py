@@ -105,25 +105,35 @@ def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, 
     return peak, records[-1]
 
 
-def decode_step_ms(model: str, models_dir: str, variants: list[str], args) -> dict[str, list[float]]:
-    """In-process decode step time at batch `--concurrency`, contexts --input-len .. + 64: the
-    executors of all variants built once, then timed in turns (`--step-rounds` x 32 steps each),
-    so a busy machine slows them alike. No HTTP, no streaming: the engine's own step."""
+def _in_process(model: str, models_dir: str, variants: list[str], args):
+    """What both in-process timings start from: the model, `--concurrency` prompts of
+    `--input-len` tokens, and each variant's live KV setting (None: full precision)."""
     import mlx.core as mx
 
-    from mlx_cluster.cache.testing import greedy, make_executor
     from mlx_cluster.config import CacheSection
     from mlx_cluster.engine.kv_quant import resolve_live_kv
-    from mlx_cluster.engine.plan import NewSequence, StepPlan
     from mlx_cluster.models.builtin import resolve_model_path
     from mlx_cluster.models.loader import load_model_shard
 
     loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
     prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.input_len)] for i in range(args.concurrency)]
-    executors = {}
+    lives = {}
     for name in variants:
         bits, group = _variant(name, args)
-        live = resolve_live_kv(CacheSection(kv_bits=bits, kv_group_size=group), loaded.model)
+        lives[name] = resolve_live_kv(CacheSection(kv_bits=bits, kv_group_size=group), loaded.model)
+    return loaded, prompts, lives
+
+
+def decode_step_ms(model: str, models_dir: str, variants: list[str], args) -> dict[str, list[float]]:
+    """In-process decode step time at batch `--concurrency`, contexts --input-len .. + 64: the
+    executors of all variants built once, then timed in turns (`--step-rounds` x 32 steps each),
+    so a busy machine slows them alike. No HTTP, no streaming: the engine's own step."""
+    from mlx_cluster.cache.testing import greedy, make_executor
+    from mlx_cluster.engine.plan import NewSequence, StepPlan
+
+    loaded, prompts, lives = _in_process(model, models_dir, variants, args)
+    executors = {}
+    for name, live in lives.items():
         ex = make_executor(loaded, None, max_batch_size=args.concurrency, live_kv=live)
         seqs = tuple(NewSequence(i + 1, tuple(p), greedy(100_000)) for i, p in enumerate(prompts))
         ex.apply(StepPlan(step=0, new=seqs))
@@ -144,20 +154,9 @@ def prefill_ms(model: str, models_dir: str, variants: list[str], args) -> dict[s
     """In-process prefill of `--concurrency` prompts of `--input-len` tokens at once (chunks of
     512, then one token each), the variants in turns (`--prefill-rounds`), a fresh executor per
     run: what a burst of new requests costs before any of them decodes."""
-    import mlx.core as mx
-
     from mlx_cluster.cache.testing import generate, make_executor
-    from mlx_cluster.config import CacheSection
-    from mlx_cluster.engine.kv_quant import resolve_live_kv
-    from mlx_cluster.models.builtin import resolve_model_path
-    from mlx_cluster.models.loader import load_model_shard
 
-    loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
-    prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.input_len)] for i in range(args.concurrency)]
-    lives = {}
-    for name in variants:
-        bits, group = _variant(name, args)
-        lives[name] = resolve_live_kv(CacheSection(kv_bits=bits, kv_group_size=group), loaded.model)
+    loaded, prompts, lives = _in_process(model, models_dir, variants, args)
     times = {name: [] for name in variants}
     for _ in range(args.prefill_rounds):
         for name, live in lives.items():

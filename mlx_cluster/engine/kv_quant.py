@@ -13,8 +13,9 @@ prefill included, reads the quantized cache. A sequence's tokens are therefore t
 mlx-lm's single stream with a `QuantizedKVCache` from the start (`generate(...,
 prompt_cache=[QuantizedKVCache(group, bits)] * layers)`). On a CPU a prefill chunk reads the
 same quantized values dequantized, through the fused SDPA kernel (`DequantizedReads`: mlx's CPU
-`quantized_matmul` made prefill 4x slower); only the rounding of the attention differs. mlx-lm's `generate(kv_bits=...)`
-differs only in its first prefill chunk, which it attends at full precision before converting.
+`quantized_matmul` made prefill 4x slower); only the rounding of the attention differs.
+mlx-lm's `generate(kv_bits=...)` differs only in its first prefill chunk, which it attends at
+full precision before converting.
 Quantizing at write keeps the memory bound exact (no 16-bit prompt ever sits in the batch) and
 makes prefix-cache restores lossless: stored blocks are the live cache's own bytes.
 

@@ -424,7 +424,7 @@ def main() -> None:
 
     # First of all, before anything imports mlx (parsing the config does, through mlx-lm): it
     # decides what mlx's cblas_sgemm binds to for the life of this process.
-    blas = use_cpu_blas_from_env()
+    log.info(use_cpu_blas_from_env())
     config = config_from_json(os.environ["MLX_CLUSTER_CONFIG"])
     rank = int(os.environ.get("MLX_RANK", "0"))
     world_size = int(os.environ.get("MLX_CLUSTER_WORLD_SIZE", "1"))
@@ -437,7 +437,6 @@ def main() -> None:
         timer=_NeverBusy, timeout_s=1e9, on_fatal=lambda _: None, parent_pid=ctx.parent_pid, watch_stdin=ctx.watch_stdin
     ).start()
     materialize_files()
-    log.info(blas)
     ctx.group = init_group(ctx)
     log.info("rank %d of %d joined the %s group", rank, world_size, ctx.backend if world_size > 1 else "local")
 
