@@ -225,6 +225,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="TPOT rounds; 0: capacity only, no servers")
     p.add_argument("--step-rounds", type=int, default=0, help="also time the in-process decode step, in turns")
     p.add_argument("--prefill-rounds", type=int, default=0, help="also time an in-process batch prefill, in turns")
+    p.add_argument("--trace", help="engine traces of the TPOT servers into this folder, summarized at the end")
     # A cold CUDA start compiles the quantized kernels first (~4 min on an H200, docs/benchmarks.md).
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to become ready")
     p.add_argument("--models-dir", default=str(Path("~/.cache/mlx-cluster/models").expanduser()))
@@ -262,9 +263,11 @@ def main() -> None:
                 "supervisor": {"collective_timeout_s": 300},
             }
             (root / bits).mkdir()
-            clusters[bits] = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config).start(
-                timeout_s=args.ready_timeout
-            )
+            if args.trace:
+                Path(args.trace).mkdir(parents=True, exist_ok=True)
+            env = {"MLX_CLUSTER_TRACE": str(Path(args.trace) / f"kv{bits}")} if args.trace else None
+            cluster = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config, env=env)
+            clusters[bits] = cluster.start(timeout_s=args.ready_timeout)
         for _ in range(args.rounds):
             for bits, c in clusters.items():
                 result["variants"][bits].setdefault("tpot_ms", []).append(tpot_ms(c, args))
@@ -281,6 +284,16 @@ def main() -> None:
     finally:
         for c in clusters.values():
             c.stop()
+    if args.trace:  # written when the engines stopped
+        from trace_steps import summarize
+
+        for bits in clusters:
+            path = Path(args.trace) / f"kv{bits}.rank0.json"
+            result["variants"][bits]["trace"] = summary = summarize(str(path))
+            for kind, row in summary.items():
+                print(f"kv_bits={bits} trace {kind}: {row}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
