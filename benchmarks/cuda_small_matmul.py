@@ -5,6 +5,7 @@ time per product (50 queued, then evaluated) and the host time spent encoding it
 
   cublas    `x @ w.T`, what the model runs (mlx's gemv at M = 1, cuBLAS above)
   skinny    a CUDA kernel (mx.fast.cuda_kernel) that reads each weight once for all M rows
+  tc        tc_small_matmul.py: the same idea on the tensor cores (mma.sync), a prototype
   splitK S  K split in S slices, a batched product, then a sum (--split-k)
   wx^T      the transposed product (--split-k)
 
@@ -13,7 +14,9 @@ of host encoding per product at M >= 2 against ~6 at M = 1; the skinny kernel en
 but its FMAs (no tensor cores) make it slower than cuBLAS on the large shapes; split-K and the
 transposed product are slower everywhere. Needs a CUDA device:
 
-    python3 benchmarks/cuda_small_matmul.py [--split-k]
+    python3 benchmarks/cuda_small_matmul.py [--skinny] [--split-k] [--sweep]
+
+--sweep times small_matmul's block layouts (columns per block, warps splitting K) at M = 8.
 """
 
 import functools
@@ -21,6 +24,7 @@ import sys
 import time
 
 import mlx.core as mx
+from tc_small_matmul import layout, small_matmul
 
 HEADER = "#include <cuda_bf16.h>\n"
 SOURCE = r"""
@@ -123,19 +127,30 @@ SHAPES = {
 }
 
 
+def max_error(y: mx.array, ref: mx.array) -> float:
+    return mx.abs(y.astype(mx.float32) - ref.astype(mx.float32)).max().item()
+
+
 def row(w: mx.array, m: int, split_k: bool) -> str:
     n, k = w.shape
     x = mx.random.normal((m, k)).astype(mx.bfloat16)
     mx.eval(x)
     ref = x @ w.T
+    if m >= 2:
+        tc = timeit(lambda: small_matmul(x, w))
+        tc_s = f"   tc {tc[0]:.1f} / {tc[1]:.1f} (err {max_error(small_matmul(x, w), ref):.2g})"
+    else:
+        tc_s = ""
+    sk_s = ""
     try:
-        err = mx.abs(skinny(x, w).astype(mx.float32) - ref.astype(mx.float32)).max().item()
-        sk = timeit(lambda: skinny(x, w))
-        sk_s = f"skinny {sk[0]:.1f} / {sk[1]:.1f} (err {err:.2g})"
+        if "--skinny" in sys.argv:
+            err = max_error(skinny(x, w), ref)
+            sk = timeit(lambda: skinny(x, w))
+            sk_s = f"skinny {sk[0]:.1f} / {sk[1]:.1f} (err {err:.2g})"
     except Exception as e:  # a kernel that does not compile here is a finding too
         sk_s = f"skinny failed: {str(e)[:300]}"
     pl = timeit(lambda: x @ w.T)
-    line = f"  M={m}: cublas {pl[0]:.1f} / {pl[1]:.1f}   {sk_s}"
+    line = f"  M={m}: cublas {pl[0]:.1f} / {pl[1]:.1f}{tc_s}   {sk_s}"
     if split_k:
         line += f"\n        wx^T {timeit(lambda: (w @ x.T).T)[0]:.1f}"
         for s in (2, 4, 8):
@@ -145,12 +160,55 @@ def row(w: mx.array, m: int, split_k: bool) -> str:
     return line
 
 
+def sweep() -> None:
+    for name, (n, k) in SHAPES.items():
+        w = mx.random.normal((n, k)).astype(mx.bfloat16) * 0.02
+        x = mx.random.normal((8, k)).astype(mx.bfloat16)
+        mx.eval(w, x)
+        ref = x @ w.T
+        cells = []
+        for nt in (1, 2, 4):
+            for ksplit in (2, 4, 8):
+                for u in (4, 8):
+                    f = lambda x=x, w=w, nt=nt, ksplit=ksplit, u=u: small_matmul(x, w, nt, ksplit, u)  # noqa: E731
+                    err = max_error(f(), ref)
+                    cells.append(f"nt{nt}/k{ksplit}/u{u} {timeit(f)[0]:.1f}" + ("" if err < 0.1 else f" ERR {err:.2g}"))
+        print(f"{name} M=8 (chosen {layout(n, k)}): " + "  ".join(cells), flush=True)
+
+
+def build_cost() -> None:
+    """Python time to build one product's graph (no evaluation), per call."""
+    import tc_small_matmul as sm
+
+    w = mx.random.normal((4096, 4096)).astype(mx.bfloat16)
+    x = mx.random.normal((1, 5, 4096)).astype(mx.bfloat16)
+    x2 = x.reshape(5, 4096)
+    mx.eval(w, x, x2)
+    sm._ENABLED = True
+    for name, f in (
+        ("x @ w.T", lambda: x2 @ w.T),
+        ("small_matmul", lambda: sm.small_matmul(x2, w)),
+        ("matmul_t (3-d x)", lambda: sm.matmul_t(x, w)),
+        ("fits", lambda: sm.fits(x, w)),
+    ):
+        best = 1e9
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                f()
+            best = min(best, (time.perf_counter() - t0) / 500)
+        print(f"build {name}: {best * 1e6:.2f} us per call", flush=True)
+
+
 def main() -> None:
+    build_cost()
+    if "--sweep" in sys.argv:
+        return sweep()
     for name, (n, k) in SHAPES.items():
         w = mx.random.normal((n, k)).astype(mx.bfloat16) * 0.02
         mx.eval(w)
         print(f"{name} floor {n * k * 2 / 4.8e9 * 1e3:.1f} us  (total us per op, host encode us per op)", flush=True)
-        for m in (1, 2, 5, 8, 9):
+        for m in (1, 2, 5, 8, 9, 16, 32):
             print(row(w, m, "--split-k" in sys.argv), flush=True)
 
 
