@@ -124,9 +124,11 @@ class BatchQuantizedKVCache(_BaseCache):
                 self.values = tuple(mx.concatenate([a, b], axis=2) for a, b in zip(self.values, new_v))
         self.offset = self.offset + n
         self._idx += n
+        # Plain slices, not `...`: this runs for every layer of every step, and on a host-bound
+        # GPU step mx's Ellipsis indexing costs twice the host time (5.5 against 2.6 us each).
         for stored, new in ((self.keys, self._quantize(keys)), (self.values, self._quantize(values))):
             for s, x in zip(stored, new):
-                s[..., prev : self._idx, :] = x
+                s[:, :, prev : self._idx] = x
         if self.contiguous_reads:  # the whole allocation; make_mask hides the room past _idx
             return self.keys, self.values
         return self.keys_and_values()
@@ -149,7 +151,8 @@ class BatchQuantizedKVCache(_BaseCache):
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
     def keys_and_values(self):
-        return tree_map(lambda x: x[..., : self._idx, :], (self.keys, self.values))
+        idx = self._idx  # every layer, every step: tuples, not tree_map (36 against 14 us)
+        return tuple(x[:, :, :idx] for x in self.keys), tuple(x[:, :, :idx] for x in self.values)
 
     # ---- prefill padding (the batcher right-pads prompts, then rolls them left) -------
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
