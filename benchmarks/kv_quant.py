@@ -168,7 +168,10 @@ def prefill_ms(model: str, models_dir: str, variants: list[str], args) -> dict[s
 
 
 def tpot_ms(cluster: Cluster, args) -> float:
-    cmd = [
+    # On a small CPU host the load generator competes with the server for cores: --client-nice
+    # gives the server the first claim on them.
+    cmd = ["nice", "-n", str(args.client_nice)] if args.client_nice else []
+    cmd += [
         sys.executable,
         "-m",
         "mlx_cluster",
@@ -225,6 +228,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="TPOT rounds; 0: capacity only, no servers")
     p.add_argument("--step-rounds", type=int, default=0, help="also time the in-process decode step, in turns")
     p.add_argument("--prefill-rounds", type=int, default=0, help="also time an in-process batch prefill, in turns")
+    p.add_argument("--client-nice", type=int, default=0, help="run the load generator at this nice level")
     p.add_argument("--trace", help="engine traces of the TPOT servers into this folder, summarized at the end")
     # A cold CUDA start compiles the quantized kernels first (~4 min on an H200, docs/benchmarks.md).
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to become ready")
