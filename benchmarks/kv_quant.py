@@ -113,9 +113,13 @@ def _in_process(model: str, models_dir: str, variants: list[str], args):
     from mlx_cluster.config import CacheSection
     from mlx_cluster.engine.kv_quant import resolve_live_kv
     from mlx_cluster.models.builtin import resolve_model_path
+    from mlx_cluster.models.fuse import fuse_projections
     from mlx_cluster.models.loader import load_model_shard
 
     loaded = load_model_shard(resolve_model_path(model, models_dir), mx.distributed.init())
+    # Fused q/k/v and gate/up, as a served rank runs the model (runtime/rank.py read_model);
+    # timings before 2026-12-03's fourth session were taken unfused.
+    fuse_projections(loaded.model)
     prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.input_len)] for i in range(args.concurrency)]
     lives = {}
     for name in variants:
