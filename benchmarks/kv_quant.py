@@ -260,6 +260,8 @@ def main() -> None:
     if args.prefill_rounds:
         what = f"prefill of {args.concurrency} x {args.input_len} tokens"
         _report(result, "prefill", what, prefill_ms(args.model, args.models_dir, args.kv_bits, args))
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
     try:
         for bits in args.kv_bits if args.rounds else ():
             kv_bits, group = _variant(bits, args)
@@ -271,8 +273,6 @@ def main() -> None:
                 "supervisor": {"collective_timeout_s": 300},
             }
             (root / bits).mkdir()
-            if args.trace:
-                Path(args.trace).mkdir(parents=True, exist_ok=True)
             env = {"MLX_CLUSTER_TRACE": str(Path(args.trace) / f"kv{bits}")} if args.trace else None
             cluster = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config, env=env)
             clusters[bits] = cluster.start(timeout_s=args.ready_timeout)
@@ -287,8 +287,6 @@ def main() -> None:
                 f"({v['tpot_ratio']:.3f}x) runs {[round(t, 2) for t in v['tpot_ms']]}",
                 flush=True,
             )
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2))
     finally:
         for c in clusters.values():
             c.stop()
@@ -300,8 +298,8 @@ def main() -> None:
             result["variants"][bits]["trace"] = summary = summarize(str(path))
             for kind, row in summary.items():
                 print(f"kv_bits={bits} trace {kind}: {row}", flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.out:  # once, after the traces (a failed round raises before this: nothing half-written)
+        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
