@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,9 +51,22 @@ def _bf16_hd128(models_dir: str) -> str:
 
 
 def _variant(name: str, args) -> tuple[int | None, int]:
-    """ "none", "8", "4" or "8g128": (kv_bits, kv_group_size)."""
-    bits, _, group = name.partition("g")
+    """ "none", "8", "4" or "8g128", each with optional "@VAR=VALUE,...": (kv_bits, kv_group_size)."""
+    bits, _, group = name.partition("@")[0].partition("g")
     return (None if bits == "none" else int(bits)), int(group or args.kv_group_size)
+
+
+def _variant_env(name: str) -> dict:
+    """A variant's environment: "8@MLX_PTX_CACHE_DIR=/tmp/a,FOO=1" runs kv_bits 8 with those
+    variables set (its server, and its in-process steps), so that an environment switch is A/B'd
+    in the same interleaved rounds as the precisions."""
+    settings = name.partition("@")[2]
+    return dict(item.split("=", 1) for item in settings.split(",")) if settings else {}
+
+
+def _file_name(variant: str) -> str:
+    """A variant's name as a file name (its environment settings may hold '/' or '=')."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", variant)
 
 
 def peak_running(model: str, models_dir: str, kv_bits: str, args) -> tuple[int, str]:
@@ -147,9 +162,13 @@ def decode_step_ms(model: str, models_dir: str, variants: list[str], args) -> di
     times = {name: [] for name in variants}
     for _ in range(args.step_rounds):
         for name, ex in executors.items():
+            saved = dict(os.environ)
+            os.environ.update(_variant_env(name))
             started = time.perf_counter()
             for _ in range(32):
                 ex.step()
+            os.environ.clear()
+            os.environ.update(saved)
             times[name].append((time.perf_counter() - started) / 32 * 1000)
     return times
 
@@ -272,9 +291,12 @@ def main() -> None:
                 # A loaded shared machine can stretch one step past the test harness's 10 s.
                 "supervisor": {"collective_timeout_s": 300},
             }
-            (root / bits).mkdir()
-            env = {"MLX_CLUSTER_TRACE": str(Path(args.trace) / f"kv{bits}")} if args.trace else None
-            cluster = Cluster(root / bits, ranks=args.ranks, models_dir=args.models_dir, config=config, env=env)
+            (root / _file_name(bits)).mkdir()
+            env = {"MLX_CLUSTER_TRACE": str(Path(args.trace) / f"kv{_file_name(bits)}")} if args.trace else {}
+            env.update(_variant_env(bits))
+            cluster = Cluster(
+                root / _file_name(bits), ranks=args.ranks, models_dir=args.models_dir, config=config, env=env
+            )
             clusters[bits] = cluster.start(timeout_s=args.ready_timeout)
         for _ in range(args.rounds):
             for bits, c in clusters.items():
@@ -294,7 +316,7 @@ def main() -> None:
         from trace_steps import summarize
 
         for bits in clusters:
-            path = Path(args.trace) / f"kv{bits}.rank0.json"
+            path = Path(args.trace) / f"kv{_file_name(bits)}.rank0.json"
             result["variants"][bits]["trace"] = summary = summarize(str(path))
             for kind, row in summary.items():
                 print(f"kv_bits={bits} trace {kind}: {row}", flush=True)
