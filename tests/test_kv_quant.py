@@ -19,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
+from mlx_lm.models import base as mlx_lm_base
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, make_prompt_cache
 
 from mlx_cluster.cache.testing import cache_config, generate, load_tiny, make_executor, random_prompt
 from mlx_cluster.config import CacheSection
-from mlx_cluster.engine import kv_quant
+from mlx_cluster.engine import cuda_kv_attention, kv_quant
 from mlx_cluster.engine.kv_quant import (
     BatchQuantizedKVCache,
     LiveKV,
@@ -142,8 +142,10 @@ def test_whole_allocation_reads_attend_like_the_view():
             mask = c.make_mask(n)
             keys, values = c.update_and_fetch(k, v)
             assert mask.shape[-1] == keys[0].shape[2]
-            # a copy: mlx-lm's attention scales its queries in place
-            outs.append(quantized_scaled_dot_product_attention(q * 1, keys, values, 0.125, mask, 64, 8))
+            # mlx-lm's own quantized attention on both (the whole allocation is read otherwise when
+            # served: the next test); a copy of q: it scales its queries in place
+            mlx_lm_attention = kv_quant._mlx_lm_attention
+            outs.append(mlx_lm_attention(q * 1, tuple(keys), tuple(values), 0.125, mask, 64, 8))
             if c is whole:  # read whole, the room past the last token included
                 assert keys[0].shape[2] == c.keys[0].shape[2] > c._idx
         assert mx.allclose(outs[0].astype(mx.float32), outs[1].astype(mx.float32), atol=1e-3).item()
@@ -158,6 +160,28 @@ def test_whole_allocation_reads_attend_like_the_view():
         c.trim(2)  # rolled back, as speculation does: the trimmed tokens stay in the room, masked
     attend(2, seed=50)
     attend(260, seed=60)  # grows the allocation inside the update
+
+
+def test_whole_allocations_are_never_read_through_quantized_products():
+    """What a contiguous-reads cache (the CUDA mode) hands attention is marked, and mlx-lm's models
+    then attend it dequantized through the fused SDPA kernel (on CUDA a decode step takes one
+    kernel: the next test), never through mlx's quantized products, which compute grouped-query
+    attention wrongly on CUDA; plain views keep mlx-lm's quantized attention."""
+    live = LiveKV(8, 64)
+    batch = BatchQuantizedKVCache([0, 3], live.group_size, live.bits, contiguous_reads=True)
+    k, v = _kv(2, 9, seed=3)
+    mask = batch.make_mask(9)
+    keys, values = batch.update_and_fetch(k, v)
+    assert isinstance(keys, kv_quant.Allocation) and isinstance(values, kv_quant.Allocation)
+    q = mx.random.normal((2, 4, 9, 64), key=mx.random.key(4)).astype(mx.bfloat16)
+    # as mlx-lm's models call it: the cache has `bits`, so its quantized attention is asked
+    got = mlx_lm_base.scaled_dot_product_attention(q, keys, values, cache=batch, scale=0.125, mask=mask)
+    want = mx.fast.scaled_dot_product_attention(q, _dq(keys, live), _dq(values, live), scale=0.125, mask=mask)
+    assert mx.array_equal(got, want).item()
+    plain_k, plain_v = tuple(keys), tuple(values)
+    got = mlx_lm_base.scaled_dot_product_attention(q * 1, plain_k, plain_v, cache=batch, scale=0.125, mask=mask)
+    want = kv_quant._mlx_lm_attention(q * 1, plain_k, plain_v, 0.125, mask, 64, 8)
+    assert mx.array_equal(got, want).item()
 
 
 @pytest.mark.parametrize(("bits", "ratio"), [(8, (1 + 4 / 64) / 2), (4, (0.5 + 4 / 64) / 2)])
@@ -199,12 +223,16 @@ def _load(path):
     return loaded
 
 
-def _reference(loaded, prompt, live: LiveKV, min_margin: float) -> list[int]:
-    """mlx-lm's single stream on a QuantizedKVCache from the first token, greedy, with clear margins."""
+def _reference(loaded, prompt, live: LiveKV, min_margin: float, dequantized: bool = False) -> list[int]:
+    """mlx-lm's single stream on a QuantizedKVCache from the first token, greedy, with clear margins;
+    `dequantized`: each attention reads that cache dequantized, through the fused SDPA kernel (how
+    contiguous-reads batches attend: kv_quant's module docstring)."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     cache = [QuantizedKVCache(group_size=live.group_size, bits=live.bits) for _ in make_prompt_cache(loaded.model)]
+    if dequantized:
+        cache = [kv_quant.DequantizedReads(c) for c in cache]
     tokens, margins = [], []
     for r in stream_generate(
         loaded.model,
@@ -232,6 +260,19 @@ def references(checkpoints, prompts):
         min_margin = F32_MIN_MARGIN if arch in F32 else MIN_MARGIN
         out[arch] = [_reference(loaded, p, live, min_margin) for p in prompts]
     return out
+
+
+@pytest.fixture(scope="module")
+def dequantized_prompts():
+    # Seeds where the dequantized reference leads by MIN_MARGIN at every step (`prompts` has a tie).
+    return [random_prompt(n, seed=seed, vocab=2000) for n, seed in ((7, 11), (45, 15), (7, 15))]
+
+
+@pytest.fixture(scope="module")
+def dequantized_references(checkpoints, dequantized_prompts):
+    """The first architecture's references for contiguous-reads batches (the CUDA mode)."""
+    loaded = _load(checkpoints[ARCHS[0]])
+    return [_reference(loaded, p, LiveKV(8, 32), MIN_MARGIN, dequantized=True) for p in dequantized_prompts]
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, *F32])
@@ -279,7 +320,7 @@ def test_cpu_prefill_reads_the_cache_dequantized(checkpoints, prompts, reference
 
 
 def test_a_backend_that_refuses_strided_views_gets_contiguous_reads(
-    checkpoints, prompts, references, tmp_path, monkeypatch, caplog
+    checkpoints, dequantized_prompts, dequantized_references, tmp_path, monkeypatch, caplog
 ):
     """mlx's CUDA quantized_matmul (0.32) has no kernel for the strided view the cache hands
     attention. Simulated here (the CPU multiplies views): the probe fails for strided reads and
@@ -302,9 +343,35 @@ def test_a_backend_that_refuses_strided_views_gets_contiguous_reads(
     assert BatchQuantizedKVCache.merge(live.empty_caches(2)).contiguous_reads  # the batch keeps the mode
 
     ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
-    assert [r.tokens for r in generate(ex, prompts, MAX_TOKENS)] == references[arch]
-    again = generate(ex, prompts, MAX_TOKENS)  # restored blocks keep the mode
-    assert [r.cached_tokens for r in again] == [0, 32, 0] and [r.tokens for r in again] == references[arch]
+    assert [r.tokens for r in generate(ex, dequantized_prompts, MAX_TOKENS)] == dequantized_references
+    again = generate(ex, dequantized_prompts, MAX_TOKENS)  # restored blocks keep the mode
+    assert [r.cached_tokens for r in again] == [0, 32, 0] and [r.tokens for r in again] == dequantized_references
+
+
+def test_cuda_decode_steps_take_the_one_kernel_attention(
+    checkpoints, dequantized_prompts, dequantized_references, tmp_path, monkeypatch
+):
+    """On CUDA a contiguous-reads batch's decode steps attend through cuda_kv_attention.attend
+    (its numbers are checked on the device: tests/test_cuda_kv_attention.py); prefill chunks read
+    the cache dequantized. Simulated here: the kernel is available, fits one-query steps, and is
+    stood in for by the dequantized fused SDPA it must equal. Tokens: mlx-lm's quantized stream
+    attended dequantized."""
+    loaded = _load(checkpoints[ARCHS[0]])
+    widths = []
+
+    def stand_in(queries, q_keys, q_values, scale, mask, group_size, bits):
+        widths.append(queries.shape[2])
+        keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
+    monkeypatch.setattr(cuda_kv_attention, "fits", lambda q, keys, mask, group, bits: q.shape[2] == 1)
+    monkeypatch.setattr(cuda_kv_attention, "attend", stand_in)
+    live = LiveKV(8, 32, contiguous_reads=True)
+    ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
+    assert [r.tokens for r in generate(ex, dequantized_prompts, MAX_TOKENS)] == dequantized_references
+    layers = len(loaded.model.layers)
+    assert widths and set(widths) == {1} and len(widths) % layers == 0  # every layer of every decode step
 
 
 def test_models_that_cannot_use_it(checkpoints, caplog):

@@ -11,7 +11,8 @@ with joining rows, filter finished ones, extract one row, trim.
 When it quantizes: every key and value is quantized as it is written, and every attention,
 prefill included, reads the quantized cache. A sequence's tokens are therefore those of
 mlx-lm's single stream with a `QuantizedKVCache` from the start (`generate(...,
-prompt_cache=[QuantizedKVCache(group, bits)] * layers)`). On a CPU a prefill chunk reads the
+prompt_cache=[QuantizedKVCache(group, bits)] * layers)`; on CUDA, that stream attending its cache
+dequantized: below). On a CPU a prefill chunk reads the
 same quantized values dequantized, through the fused SDPA kernel (`DequantizedReads`: mlx's CPU
 `quantized_matmul` made prefill 4x slower); only the rounding of the attention differs.
 mlx-lm's `generate(kv_bits=...)` differs only in its first prefill chunk, which it attends at
@@ -31,6 +32,15 @@ view. It costs attention over at most 255 more positions, where a contiguous cop
 cost six copy kernels per layer and step (~190 on a 32-layer model; 1.5x the step on an H200).
 Operations that would leave the allocation a strided view (dropping shared left padding) copy
 it once instead.
+
+Attention over whole allocations (`Allocation`, the CUDA mode) never takes mlx's quantized
+products: on CUDA (mlx 0.32.4) they compute mlx-lm's grouped-query attention wrongly (the keys'
+broadcast over a KV head's query heads; largest error 2.5 on outputs of at most 1.8, where the
+fused SDPA kernel over the same cache dequantized lands within 0.02: docs/benchmarks.md). A
+decode step goes through one CUDA kernel (engine/cuda_kv_attention.py: correct, and 1.6 ms for
+an `8b` shard's 32 layers against 3.0 ms); prefill chunks, verification and anything the kernel
+does not fit read the allocation dequantized, through the fused SDPA kernel. `_attention` does
+this, installed where mlx-lm's models look up quantized attention.
 """
 
 from __future__ import annotations
@@ -40,10 +50,12 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 from mlx.utils import tree_map
+from mlx_lm.models import base as mlx_lm_base
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache, dynamic_roll, make_prompt_cache
 
 from mlx_cluster.cache.blocks import effective_group_size
+from mlx_cluster.engine import cuda_kv_attention
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +84,10 @@ class QuantizedSequenceCache(QuantizedKVCache):
 
     def update_and_fetch(self, keys, values):
         kv = super().update_and_fetch(keys, values)
+        if not self.contiguous_reads:
+            return kv
         # Batches read their whole allocation (BatchQuantizedKVCache); a lone sequence's attention copies.
-        return tree_map(mx.contiguous, kv) if self.contiguous_reads else kv
+        return tuple(Allocation(mx.contiguous(x) for x in part) for part in kv)
 
     def size(self):
         return self.offset
@@ -130,7 +144,7 @@ class BatchQuantizedKVCache(_BaseCache):
             for s, x in zip(stored, new):
                 s[:, :, prev : self._idx] = x
         if self.contiguous_reads:  # the whole allocation; make_mask hides the room past _idx
-            return self.keys, self.values
+            return Allocation(self.keys), Allocation(self.values)
         return self.keys_and_values()
 
     def _allocated(self) -> int:
@@ -302,6 +316,34 @@ class BatchQuantizedKVCache(_BaseCache):
         return sum(x.nbytes for x in (*self.keys, *self.values))
 
 
+# ---- attention over whole allocations (module docstring) ------------------------------------
+
+
+class Allocation(tuple):
+    """(packed, scales, biases) as a contiguous-reads cache hands them to attention (a batch's
+    whole allocation, a lone sequence's copy): what `_attention` reads differently."""
+
+
+_mlx_lm_attention = mlx_lm_base.quantized_scaled_dot_product_attention
+
+
+def _attention(queries, q_keys, q_values, scale, mask, group_size: int = 64, bits: int = 8):
+    """mlx-lm's quantized attention, except over whole allocations: there a decode step through
+    the CUDA kernel where it fits, anything else dequantized through the fused SDPA kernel."""
+    if not isinstance(q_keys, Allocation):
+        return _mlx_lm_attention(queries, q_keys, q_values, scale, mask, group_size=group_size, bits=bits)
+    if cuda_kv_attention.available() and cuda_kv_attention.fits(queries, q_keys, mask, group_size, bits):
+        return cuda_kv_attention.attend(queries, q_keys, q_values, scale, mask, group_size, bits)
+    keys = mx.dequantize(*q_keys, group_size=group_size, bits=bits)
+    values = mx.dequantize(*q_values, group_size=group_size, bits=bits)
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+# mlx-lm's models reach quantized attention through this module attribute (models/base.py's
+# scaled_dot_product_attention calls it when the cache has `bits`).
+mlx_lm_base.quantized_scaled_dot_product_attention = _attention
+
+
 # ---- start-up: can this model use it, and what does it buy --------------------------------
 
 
@@ -312,9 +354,9 @@ class DequantizedReads:
 
     mlx's CPU `quantized_matmul` made a bf16 prefill of 8 x 1,024 tokens 4.1x slower than full
     precision; dequantizing each layer once per chunk brings it to 1.1x (docs/benchmarks.md,
-    "Quantized live KV, CPU"). On the H200 both ways cost the same within 7%, so GPUs keep the
-    quantized products. Decode steps (one token) always read the quantized cache. What is stored
-    is unchanged: keys and values are quantized as they are written, either way.
+    "Quantized live KV, CPU"). CUDA reads whole allocations through `_attention` instead (never
+    mlx's quantized products there). Decode steps on a CPU read the quantized cache. What is
+    stored is unchanged: keys and values are quantized as they are written, either way.
     """
 
     def __init__(self, cache: BatchQuantizedKVCache):
@@ -397,7 +439,8 @@ def attention_error(model, live: LiveKV) -> str | None:
 
 def readable_live_kv(model, live: LiveKV) -> tuple[LiveKV | None, str | None]:
     """`live` as this backend's attention can read it: as it is, else with contiguous reads
-    (logged); or (None, the first probe's error)."""
+    (logged; attention then never takes mlx's quantized products, module docstring); or (None,
+    the first probe's error)."""
     error = attention_error(model, live)
     if error is None:
         return live, None
@@ -406,8 +449,12 @@ def readable_live_kv(model, live: LiveKV) -> tuple[LiveKV | None, str | None]:
         return None, error
     log.info(
         "live KV cache: this backend's quantized attention needs contiguous operands; each attention reads "
-        "its layer's whole %d-bit allocation, the unused room masked (at most 255 more positions, the same capacity)",
+        "its layer's whole %d-bit allocation, the unused room masked (at most 255 more positions, the same capacity); "
+        "%s dequantized through the fused SDPA kernel",
         live.bits,
+        "decode steps through one CUDA kernel where it fits (8 bits, head_dim 128), the rest"
+        if cuda_kv_attention.available()
+        else "every attention",
     )
     return fallback, None
 

@@ -1,0 +1,51 @@
+"""engine/cuda_kv_attention.py's decode attention against float32 attention over the same
+dequantized cache (CUDA only: the device runs it; the CPU suite checks which calls it takes here
+and the routing in tests/test_kv_quant.py)."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_cluster.engine import cuda_kv_attention
+
+
+@pytest.mark.skipif(not cuda_kv_attention.available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "context", "room", "group", "dtype"),
+    [
+        (8, 32, 8, 1025, 255, 64, mx.bfloat16),  # an `8b` shard's decode at batch 8
+        (1, 32, 8, 7, 249, 64, mx.bfloat16),  # one short row, mostly room
+        (3, 16, 2, 300, 0, 32, mx.float16),
+        (2, 8, 8, 513, 255, 128, mx.bfloat16),  # no grouping
+        (4, 28, 4, 200, 56, 64, mx.bfloat16),  # 7 query heads per KV head
+    ],
+)
+def test_matches_float32_attention(batch, heads, kv_heads, context, room, group, dtype):
+    mx.random.seed(batch + heads)
+    T = context + room
+    q = mx.random.normal((batch, heads, 1, 128)).astype(dtype)
+    k = (mx.random.normal((batch, kv_heads, T, 128)) * 2).astype(dtype)
+    v = mx.random.normal((batch, kv_heads, T, 128)).astype(dtype)
+    pad = mx.array([(i * 37) % 64 for i in range(batch)])  # left padding, as rows of a batch have
+    pos = mx.arange(T)
+    mask = ((pos[None] >= pad[:, None]) & (pos[None] < context))[:, None, None, :]  # room masked
+    kq = tuple(mx.quantize(k, group_size=group, bits=8))
+    vq = tuple(mx.quantize(v, group_size=group, bits=8))
+    assert cuda_kv_attention.fits(q, kq, mask, group, 8)
+    kd, vd = (mx.dequantize(*x, group_size=group, bits=8).astype(mx.float32) for x in (kq, vq))
+    scale = 128**-0.5
+    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), kd, vd, scale=scale, mask=mask)
+    got = cuda_kv_attention.attend(q, kq, vq, scale, mask, group, 8)
+    assert got.shape == q.shape and got.dtype == dtype
+    # float32 inside, one rounding to the output dtype (measured on an H200: at most 0.011)
+    assert mx.abs(got.astype(mx.float32) - want).max().item() <= 0.02 * max(1.0, mx.abs(want).max().item())
+
+
+def test_fits_only_what_it_computes():
+    q = mx.zeros((2, 32, 1, 128), mx.bfloat16)
+    kq = tuple(mx.quantize(mx.zeros((2, 8, 256, 128), mx.bfloat16), group_size=64, bits=8))
+    mask = mx.ones((2, 1, 1, 256), mx.bool_)
+    assert cuda_kv_attention.fits(q, kq, mask, 64, 8)
+    assert not cuda_kv_attention.fits(q, kq, mask, 64, 4)  # 4 bits
+    assert not cuda_kv_attention.fits(mx.zeros((2, 32, 2, 128), mx.bfloat16), kq, mask, 64, 8)  # two queries
+    assert not cuda_kv_attention.fits(q, kq, None, 64, 8)  # no mask array
+    assert not cuda_kv_attention.fits(q, kq, mask.astype(mx.float32), 64, 8)  # an additive mask
