@@ -9,12 +9,14 @@ slows them alike. Each way is also checked against full precision (largest diffe
 attention outputs).
 
 Ways: `full` (mlx-lm's BatchKVCache, fused SDPA); `q8`/`q4`: the quantized cache as served
-(mlx-lm's quantized attention, two `quantized_matmul`s per layer; on a GPU over the whole
-allocation); `q8-view-deq`: the view dequantized by `mx.dequantize` then fused SDPA
-(`DequantizedReads`, what a CPU prefill chunk reads).
+(on a CPU mlx-lm's quantized attention over the view; on CUDA the whole allocation, a decode
+step through engine/cuda_kv_attention.py's kernel, `q4` dequantized into fused SDPA);
+`q8-view-deq`: the view dequantized by `mx.dequantize` then fused SDPA (`DequantizedReads`,
+what a CPU prefill chunk reads).
 
-The results in results/gpu-h200-2026-12-03e also name ways whose code was measured there and
-removed (the scripts beside them keep it): `q8-deq` (the whole allocation dequantized in one
+The results in results/gpu-h200-2026-12-03e predate the kernel (their `q8` is mlx-lm's quantized
+attention, which CUDA computes wrongly: docs/benchmarks.md) and also name ways whose code was
+measured there and removed (the scripts beside them keep it): `q8-deq` (the whole allocation dequantized in one
 compiled write-and-read per layer, then fused SDPA), `q8-deq1` (a one-kernel dequantization of
 keys and values) and `q8` vs `q8-uncompiled` (the quantized write and attention `mx.compile`d).
 

@@ -143,7 +143,7 @@ def _kernel():
 
 
 def fits(queries, q_keys, mask, group_size: int, bits: int) -> bool:
-    """Whether `attend` takes this call (else mlx-lm's quantized attention must)."""
+    """Whether `attend` computes this call (else kv_quant reads the cache dequantized)."""
     B, H, L, D = queries.shape
     KV = q_keys[0].shape[1]
     return (
@@ -160,7 +160,8 @@ def fits(queries, q_keys, mask, group_size: int, bits: int) -> bool:
 
 
 def attend(queries, q_keys, q_values, scale: float, mask, group_size: int = 64, bits: int = 8) -> mx.array:
-    """mlx-lm's `quantized_scaled_dot_product_attention` for a decode step, in one kernel."""
+    """mlx-lm's `quantized_scaled_dot_product_attention` for a decode step, in one kernel (its
+    signature; `bits` is 8, as `fits` requires)."""
     B, H, _, D = queries.shape
     KV = q_keys[0].shape[1]
     R = H // KV
