@@ -44,6 +44,11 @@ MAX_TOKENS = 10
 # on float32 copies of the same checkpoints; the one-rank check runs on both.
 F32_MIN_MARGIN = 0.02
 F32 = {f"{arch}-f32": dataclasses.replace(SPECS[arch], dtype="float32") for arch in ARCHS}
+# head_dim 128 with 2 query heads per KV head: the shape the CUDA decode kernel computes
+HD128 = dataclasses.replace(
+    SPECS["llama"],
+    config={**SPECS["llama"].config, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128},
+)
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +208,7 @@ def test_bytes_per_token_from_nbytes(bits, ratio):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_model_path):
-    specs = {name: SPECS[name] for name in (*ARCHS, "deepseek_v3", "gpt_oss")} | F32
+    specs = {name: SPECS[name] for name in (*ARCHS, "deepseek_v3", "gpt_oss")} | F32 | {"llama-hd128": HD128}
     return build_checkpoints(tmp_path_factory, tiny_model_path, specs, "kvq_checkpoints")
 
 
@@ -372,6 +377,33 @@ def test_cuda_decode_steps_take_the_one_kernel_attention(
     assert [r.tokens for r in generate(ex, dequantized_prompts, MAX_TOKENS)] == dequantized_references
     layers = len(loaded.model.layers)
     assert widths and set(widths) == {1} and len(widths) % layers == 0  # every layer of every decode step
+
+
+def test_engine_decode_steps_are_what_the_cuda_kernel_computes(checkpoints, prompts, tmp_path, monkeypatch):
+    """With head_dim 128 and 8 bits, every decode step's attention the engine builds (rows of
+    different lengths joining one batch: left padding, masked room) passes the kernel's real
+    `fits`, so on CUDA none falls back to the slower dequantized read; prefill chunks never reach
+    it. Only the kernel call is stood in for (the device checks its numbers)."""
+    loaded = _load(checkpoints["llama-hd128"])
+    asked, real_fits = [], cuda_kv_attention.fits
+
+    def recorded_fits(queries, q_keys, mask, group_size, bits):
+        asked.append((queries.shape[2], real_fits(queries, q_keys, mask, group_size, bits)))
+        return asked[-1][1]
+
+    def stand_in(queries, q_keys, q_values, scale, mask, group_size, bits):
+        keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
+    monkeypatch.setattr(cuda_kv_attention, "fits", recorded_fits)
+    monkeypatch.setattr(cuda_kv_attention, "attend", stand_in)
+    live = LiveKV(8, 64, contiguous_reads=True)
+    ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
+    generate(ex, prompts, 4)
+    decode = [fit for width, fit in asked if width == 1]
+    assert decode and all(decode)
+    assert all(not fit for width, fit in asked if width > 1)
 
 
 def test_models_that_cannot_use_it(checkpoints, caplog):
