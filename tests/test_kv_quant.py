@@ -2,7 +2,8 @@
 
 Equivalence: the engine's quantized batch gives, for each sequence, the greedy tokens of mlx-lm's
 own single stream with a `QuantizedKVCache` from the first token (quantized as written, every
-attention reading the quantized cache). mlx-lm's `generate(kv_bits=...)` is not the reference:
+attention reading the quantized cache; with contiguous reads, the CUDA mode, that stream
+attending its cache dequantized). mlx-lm's `generate(kv_bits=...)` is not the reference:
 it attends its first prefill chunk at full precision and quantizes after it.
 
 On random-weight checkpoints of real architectures (tests/test_checkpoints.py): one rank in
@@ -329,8 +330,9 @@ def test_a_backend_that_refuses_strided_views_gets_contiguous_reads(
 ):
     """mlx's CUDA quantized_matmul (0.32) has no kernel for the strided view the cache hands
     attention. Simulated here (the CPU multiplies views): the probe fails for strided reads and
-    passes for contiguous ones, so start-up picks contiguous reads and says so; the tokens are
-    those of the strided path, with the copies really made."""
+    passes for contiguous ones, so start-up picks contiguous reads and says so; the whole
+    allocation is then attended dequantized (never through quantized products), so the tokens are
+    mlx-lm's quantized stream attended dequantized, restored prefixes included."""
     arch = ARCHS[0]
     loaded = _load(checkpoints[arch])
     probed = []
@@ -353,6 +355,12 @@ def test_a_backend_that_refuses_strided_views_gets_contiguous_reads(
     assert [r.cached_tokens for r in again] == [0, 32, 0] and [r.tokens for r in again] == dequantized_references
 
 
+def _dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits):
+    """What the CUDA decode kernel computes (to float32 rounding), standing in for it on a CPU."""
+    keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
 def test_cuda_decode_steps_take_the_one_kernel_attention(
     checkpoints, dequantized_prompts, dequantized_references, tmp_path, monkeypatch
 ):
@@ -364,10 +372,9 @@ def test_cuda_decode_steps_take_the_one_kernel_attention(
     loaded = _load(checkpoints[ARCHS[0]])
     widths = []
 
-    def stand_in(queries, q_keys, q_values, scale, mask, group_size, bits):
+    def stand_in(queries, *args):
         widths.append(queries.shape[2])
-        keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        return _dequantized_attention(queries, *args)
 
     monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
     monkeypatch.setattr(cuda_kv_attention, "fits", lambda q, keys, mask, group, bits: q.shape[2] == 1)
@@ -391,13 +398,9 @@ def test_engine_decode_steps_are_what_the_cuda_kernel_computes(checkpoints, prom
         asked.append((queries.shape[2], real_fits(queries, q_keys, mask, group_size, bits)))
         return asked[-1][1]
 
-    def stand_in(queries, q_keys, q_values, scale, mask, group_size, bits):
-        keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-
     monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
     monkeypatch.setattr(cuda_kv_attention, "fits", recorded_fits)
-    monkeypatch.setattr(cuda_kv_attention, "attend", stand_in)
+    monkeypatch.setattr(cuda_kv_attention, "attend", _dequantized_attention)
     live = LiveKV(8, 64, contiguous_reads=True)
     ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
     generate(ex, prompts, 4)
