@@ -2,6 +2,8 @@
 dequantized cache (CUDA only: the device runs it; the CPU suite checks which calls it takes here
 and the routing in tests/test_kv_quant.py)."""
 
+import logging
+
 import mlx.core as mx
 import pytest
 
@@ -49,3 +51,30 @@ def test_fits_only_what_it_computes():
     assert not cuda_kv_attention.fits(mx.zeros((2, 32, 2, 128), mx.bfloat16), kq, mask, 64, 8)  # two queries
     assert not cuda_kv_attention.fits(q, kq, None, 64, 8)  # no mask array
     assert not cuda_kv_attention.fits(q, kq, mask.astype(mx.float32), 64, 8)  # an additive mask
+
+
+def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits):
+    """What the kernel computes (to float32 rounding): its stand-in on a CPU."""
+    keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def test_a_kernel_that_computes_anything_else_is_not_used(monkeypatch, caplog):
+    """The self-check `available()` runs once per process: a kernel that computes what it should
+    passes; one that computes anything else, or cannot compile or launch, is not used (decode
+    steps then read the cache dequantized) and the log says why. Simulated with stand-ins."""
+    check = cuda_kv_attention.self_check_passed.__wrapped__  # uncached
+    monkeypatch.setattr(cuda_kv_attention, "attend", dequantized_attention)
+    assert check()
+    monkeypatch.setattr(cuda_kv_attention, "attend", lambda *args: mx.zeros_like(dequantized_attention(*args)))
+    with caplog.at_level(logging.WARNING, logger="mlx_cluster.engine.cuda_kv_attention"):
+        assert not check()
+    assert "failed its self-check" in caplog.text
+
+    def broken(*args):
+        raise RuntimeError("Failed to compile kernel")
+
+    monkeypatch.setattr(cuda_kv_attention, "attend", broken)
+    with caplog.at_level(logging.WARNING, logger="mlx_cluster.engine.cuda_kv_attention"):
+        assert not check()
+    assert "RuntimeError: Failed to compile kernel" in caplog.text

@@ -35,6 +35,7 @@ from mlx_cluster.engine.kv_quant import (
 )
 from tests.cluster import Cluster
 from tests.test_checkpoints import MIN_MARGIN, SPECS, build_checkpoints
+from tests.test_cuda_kv_attention import dequantized_attention
 
 pytestmark = pytest.mark.slow
 
@@ -355,12 +356,6 @@ def test_a_backend_that_refuses_strided_views_gets_contiguous_reads(
     assert [r.cached_tokens for r in again] == [0, 32, 0] and [r.tokens for r in again] == dequantized_references
 
 
-def _dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits):
-    """What the CUDA decode kernel computes (to float32 rounding), standing in for it on a CPU."""
-    keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-
-
 def test_cuda_decode_steps_take_the_one_kernel_attention(
     checkpoints, dequantized_prompts, dequantized_references, tmp_path, monkeypatch
 ):
@@ -374,7 +369,7 @@ def test_cuda_decode_steps_take_the_one_kernel_attention(
 
     def stand_in(queries, *args):
         widths.append(queries.shape[2])
-        return _dequantized_attention(queries, *args)
+        return dequantized_attention(queries, *args)
 
     monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
     monkeypatch.setattr(cuda_kv_attention, "fits", lambda q, keys, mask, group, bits: q.shape[2] == 1)
@@ -400,7 +395,7 @@ def test_engine_decode_steps_are_what_the_cuda_kernel_computes(checkpoints, prom
 
     monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
     monkeypatch.setattr(cuda_kv_attention, "fits", recorded_fits)
-    monkeypatch.setattr(cuda_kv_attention, "attend", _dequantized_attention)
+    monkeypatch.setattr(cuda_kv_attention, "attend", dequantized_attention)
     live = LiveKV(8, 64, contiguous_reads=True)
     ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
     generate(ex, prompts, 4)

@@ -13,14 +13,18 @@ are combined through shared memory. On an H200, 32 layers of an `8b` shard's dec
 (batch 8, 1,280 positions): 1.6 ms against 3.0 ms for mlx-lm's, Python building 0.30 against
 0.81 ms; largest error against float32 attention 0.006-0.011 over five shapes (bfloat16 output
 rounding). `kv_quant` routes a decode step here when `fits`; everything else on CUDA reads the
-cache dequantized through the fused SDPA kernel.
+cache dequantized through the fused SDPA kernel. `available()` includes a one-time self-check
+against that path, so a GPU where the kernel computes anything else does not serve it.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import mlx.core as mx
+
+log = logging.getLogger(__name__)
 
 _HEADER = """
 #include <cuda_bf16.h>
@@ -177,5 +181,47 @@ def attend(queries, q_keys, q_values, scale: float, mask, group_size: int = 64, 
 
 
 def available() -> bool:
-    """Whether this process computes on a CUDA GPU (the kernel's only backend)."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    """Whether this process computes on a CUDA GPU (the kernel's only backend) and the kernel
+    passed its self-check there (once per process, at the start-up probe's first decode)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available() and self_check_passed()
+
+
+@functools.cache
+def self_check_passed() -> bool:
+    """The kernel against the fused SDPA kernel over the same dequantized cache on a small
+    grouped-query case with left padding and masked room: a GPU or driver where it computes
+    anything else (checked on an H200 only) falls back to the dequantized reads, with a warning,
+    rather than serving wrong attention."""
+    try:
+        error, scale = _self_check_error()
+    except Exception as e:  # a kernel that does not compile or launch here
+        log.warning(
+            "CUDA decode attention unavailable (%s: %s); decode steps read the cache dequantized", type(e).__name__, e
+        )
+        return False
+    if error > 0.02 * max(1.0, scale):
+        log.warning(
+            "CUDA decode attention failed its self-check (largest error %.4f on outputs up to %.2f); "
+            "decode steps read the cache dequantized",
+            error,
+            scale,
+        )
+        return False
+    return True
+
+
+def _self_check_error() -> tuple[float, float]:
+    """(largest error of `attend` against the dequantized fused SDPA, largest output)."""
+    key = mx.random.key(0)
+    kq_key, vq_key, q_key = mx.random.split(key, 3)
+    rows, heads, kv_heads, context, room = 2, 8, 2, 200, 56
+    q = mx.random.normal((rows, heads, 1, 128), key=q_key).astype(mx.bfloat16)
+    k = mx.random.normal((rows, kv_heads, context + room, 128), key=kq_key).astype(mx.bfloat16)
+    v = mx.random.normal((rows, kv_heads, context + room, 128), key=vq_key).astype(mx.bfloat16)
+    pos = mx.arange(context + room)
+    mask = ((pos[None] >= mx.array([0, 37])[:, None]) & (pos[None] < context))[:, None, None, :]
+    kq, vq = (tuple(mx.quantize(x, group_size=64, bits=8)) for x in (k, v))
+    keys, values = (mx.dequantize(*x, group_size=64, bits=8).astype(mx.float32) for x in (kq, vq))
+    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys, values, scale=128**-0.5, mask=mask)
+    got = attend(q, kq, vq, 128**-0.5, mask, 64, 8).astype(mx.float32)
+    return mx.abs(got - want).max().item(), mx.abs(want).max().item()
