@@ -21,22 +21,13 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlx_cluster.engine.cuda_kv_attention import attend, fits  # noqa: E402
+from mlx_cluster.engine.cuda_kv_attention import attend, decode_case, fits, float32_attention  # noqa: E402
 
 
 def _case(batch: int, heads: int, kv_heads: int, context: int, room: int, group: int, dtype, seed: int):
-    mx.random.seed(seed)
-    T = context + room
-    q = mx.random.normal((batch, heads, 1, 128)).astype(dtype)
-    k = (mx.random.normal((batch, kv_heads, T, 128)) * 2).astype(dtype)
-    v = mx.random.normal((batch, kv_heads, T, 128)).astype(dtype)
-    pad = mx.array([(i * 37) % 64 for i in range(batch)])
-    pos = mx.arange(T)
-    mask = ((pos[None] >= pad[:, None]) & (pos[None] < context))[:, None, None, :]
-    kq = tuple(mx.quantize(k, group_size=group, bits=8))
-    vq = tuple(mx.quantize(v, group_size=group, bits=8))
-    mx.eval(q, kq, vq, mask)
-    return q, kq, vq, mask
+    case = decode_case(batch, heads, kv_heads, context, room, group, dtype, seed)
+    mx.eval(case)
+    return case
 
 
 def check(args) -> list[dict]:
@@ -56,9 +47,7 @@ def check(args) -> list[dict]:
         q, kq, vq, mask = _case(batch, heads, kv_heads, context, room, group, dtype, seed=batch + heads)
         scale = 128**-0.5
         assert fits(q, kq, mask, group, 8)
-        kd = mx.dequantize(*kq, group_size=group, bits=8).astype(mx.float32)
-        vd = mx.dequantize(*vq, group_size=group, bits=8).astype(mx.float32)
-        ref = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), kd, vd, scale=scale, mask=mask)
+        ref = float32_attention(q, kq, vq, mask, group)
         ours = attend(q, kq, vq, scale, mask, group)
         row = {
             "shape": [batch, heads, kv_heads, context, room, group, str(dtype)],

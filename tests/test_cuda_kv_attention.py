@@ -8,6 +8,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_cluster.engine import cuda_kv_attention
+from mlx_cluster.engine.kv_quant import dequantized_attention  # the kernel's stand-in on a CPU
 
 
 @pytest.mark.skipif(not cuda_kv_attention.available(), reason="needs a CUDA GPU")
@@ -22,21 +23,10 @@ from mlx_cluster.engine import cuda_kv_attention
     ],
 )
 def test_matches_float32_attention(batch, heads, kv_heads, context, room, group, dtype):
-    mx.random.seed(batch + heads)
-    T = context + room
-    q = mx.random.normal((batch, heads, 1, 128)).astype(dtype)
-    k = (mx.random.normal((batch, kv_heads, T, 128)) * 2).astype(dtype)
-    v = mx.random.normal((batch, kv_heads, T, 128)).astype(dtype)
-    pad = mx.array([(i * 37) % 64 for i in range(batch)])  # left padding, as rows of a batch have
-    pos = mx.arange(T)
-    mask = ((pos[None] >= pad[:, None]) & (pos[None] < context))[:, None, None, :]  # room masked
-    kq = tuple(mx.quantize(k, group_size=group, bits=8))
-    vq = tuple(mx.quantize(v, group_size=group, bits=8))
+    q, kq, vq, mask = cuda_kv_attention.decode_case(batch, heads, kv_heads, context, room, group, dtype, batch + heads)
     assert cuda_kv_attention.fits(q, kq, mask, group, 8)
-    kd, vd = (mx.dequantize(*x, group_size=group, bits=8).astype(mx.float32) for x in (kq, vq))
-    scale = 128**-0.5
-    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), kd, vd, scale=scale, mask=mask)
-    got = cuda_kv_attention.attend(q, kq, vq, scale, mask, group, 8)
+    want = cuda_kv_attention.float32_attention(q, kq, vq, mask, group)
+    got = cuda_kv_attention.attend(q, kq, vq, 128**-0.5, mask, group, 8)
     assert got.shape == q.shape and got.dtype == dtype
     # float32 inside, one rounding to the output dtype (measured on an H200: at most 0.011)
     assert mx.abs(got.astype(mx.float32) - want).max().item() <= 0.02 * max(1.0, mx.abs(want).max().item())
@@ -51,12 +41,6 @@ def test_fits_only_what_it_computes():
     assert not cuda_kv_attention.fits(mx.zeros((2, 32, 2, 128), mx.bfloat16), kq, mask, 64, 8)  # two queries
     assert not cuda_kv_attention.fits(q, kq, None, 64, 8)  # no mask array
     assert not cuda_kv_attention.fits(q, kq, mask.astype(mx.float32), 64, 8)  # an additive mask
-
-
-def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits):
-    """What the kernel computes (to float32 rounding): its stand-in on a CPU."""
-    keys, values = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (q_keys, q_values))
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
 def test_a_kernel_that_computes_anything_else_is_not_used(monkeypatch, caplog):

@@ -35,7 +35,6 @@ from mlx_cluster.engine.kv_quant import (
 )
 from tests.cluster import Cluster
 from tests.test_checkpoints import MIN_MARGIN, SPECS, build_checkpoints
-from tests.test_cuda_kv_attention import dequantized_attention
 
 pytestmark = pytest.mark.slow
 
@@ -369,7 +368,7 @@ def test_cuda_decode_steps_take_the_one_kernel_attention(
 
     def stand_in(queries, *args):
         widths.append(queries.shape[2])
-        return dequantized_attention(queries, *args)
+        return kv_quant.dequantized_attention(queries, *args)
 
     monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
     monkeypatch.setattr(cuda_kv_attention, "fits", lambda q, keys, mask, group, bits: q.shape[2] == 1)
@@ -395,7 +394,7 @@ def test_engine_decode_steps_are_what_the_cuda_kernel_computes(checkpoints, prom
 
     monkeypatch.setattr(cuda_kv_attention, "available", lambda: True)
     monkeypatch.setattr(cuda_kv_attention, "fits", recorded_fits)
-    monkeypatch.setattr(cuda_kv_attention, "attend", dequantized_attention)
+    monkeypatch.setattr(cuda_kv_attention, "attend", kv_quant.dequantized_attention)
     live = LiveKV(8, 64, contiguous_reads=True)
     ex = make_executor(loaded, cache_config(tmp_path, block_size=16, kv_bits=8), prefill_chunk=32, live_kv=live)
     generate(ex, prompts, 4)

@@ -211,17 +211,38 @@ def self_check_passed() -> bool:
 
 
 def _self_check_error() -> tuple[float, float]:
-    """(largest error of `attend` against the dequantized fused SDPA, largest output)."""
-    key = mx.random.key(0)
-    kq_key, vq_key, q_key = mx.random.split(key, 3)
-    rows, heads, kv_heads, context, room = 2, 8, 2, 200, 56
-    q = mx.random.normal((rows, heads, 1, 128), key=q_key).astype(mx.bfloat16)
-    k = mx.random.normal((rows, kv_heads, context + room, 128), key=kq_key).astype(mx.bfloat16)
-    v = mx.random.normal((rows, kv_heads, context + room, 128), key=vq_key).astype(mx.bfloat16)
-    pos = mx.arange(context + room)
-    mask = ((pos[None] >= mx.array([0, 37])[:, None]) & (pos[None] < context))[:, None, None, :]
-    kq, vq = (tuple(mx.quantize(x, group_size=64, bits=8)) for x in (k, v))
-    keys, values = (mx.dequantize(*x, group_size=64, bits=8).astype(mx.float32) for x in (kq, vq))
-    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys, values, scale=128**-0.5, mask=mask)
+    """(largest error of `attend` against float32 attention, largest output) on a small case."""
+    q, kq, vq, mask = decode_case(
+        rows=2, heads=8, kv_heads=2, context=200, room=56, group=64, dtype=mx.bfloat16, seed=0
+    )
+    want = float32_attention(q, kq, vq, mask, 64)
     got = attend(q, kq, vq, 128**-0.5, mask, 64, 8).astype(mx.float32)
     return mx.abs(got - want).max().item(), mx.abs(want).max().item()
+
+
+def decode_case(rows: int, heads: int, kv_heads: int, context: int, room: int, group: int, dtype, seed: int):
+    """A random decode step over an 8-bit head_dim-128 cache: (queries, key triple, value triple,
+    mask), rows left-padded by different amounts and `room` unused positions masked, as a
+    contiguous-reads batch hands them to attention (the self-check, the device test, the benchmark)."""
+    key = mx.random.key(seed)
+
+    def normal(shape):  # the draws of mx.random.seed(seed), without touching the global seed
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.normal(shape, key=sub)
+
+    positions = context + room
+    q = normal((rows, heads, 1, 128)).astype(dtype)
+    k = (normal((rows, kv_heads, positions, 128)) * 2).astype(dtype)
+    v = normal((rows, kv_heads, positions, 128)).astype(dtype)
+    padding = mx.array([(i * 37) % 64 for i in range(rows)])
+    pos = mx.arange(positions)
+    mask = ((pos[None] >= padding[:, None]) & (pos[None] < context))[:, None, None, :]
+    kq, vq = (tuple(mx.quantize(x, group_size=group, bits=8)) for x in (k, v))
+    return q, kq, vq, mask
+
+
+def float32_attention(q, kq, vq, mask, group: int) -> mx.array:
+    """The attention `attend` approximates: float32 over the cache dequantized (scale 128^-1/2)."""
+    keys, values = (mx.dequantize(*x, group_size=group, bits=8).astype(mx.float32) for x in (kq, vq))
+    return mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys, values, scale=128**-0.5, mask=mask)

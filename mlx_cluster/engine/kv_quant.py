@@ -334,6 +334,12 @@ def _attention(queries, q_keys, q_values, scale, mask, group_size: int = 64, bit
         return _mlx_lm_attention(queries, q_keys, q_values, scale, mask, group_size=group_size, bits=bits)
     if cuda_kv_attention.available() and cuda_kv_attention.fits(queries, q_keys, mask, group_size, bits):
         return cuda_kv_attention.attend(queries, q_keys, q_values, scale, mask, group_size, bits)
+    return dequantized_attention(queries, q_keys, q_values, scale, mask, group_size, bits)
+
+
+def dequantized_attention(queries, q_keys, q_values, scale, mask, group_size: int, bits: int):
+    """Attention over quantized keys and values read dequantized, through the fused SDPA kernel
+    (what the CUDA decode kernel computes too, to float32 rounding)."""
     keys = mx.dequantize(*q_keys, group_size=group_size, bits=bits)
     values = mx.dequantize(*q_values, group_size=group_size, bits=bits)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
