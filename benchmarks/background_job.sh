@@ -7,6 +7,7 @@ set -u
 mode=$1; name=$2; shift 2
 d=/tmp/jobs/$name; mkdir -p "$d"
 if [ "$mode" = start ]; then
+  rm -f "$d/rc"  # a finished job's status must not answer for this one
   ( setsid bash -c "$*; echo \$? > $d/rc" > "$d/log" 2>&1 & echo $! > "$d/pid" )
   echo "started $name pid $(cat $d/pid)"
   exit 0
