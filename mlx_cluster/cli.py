@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-model", help="write a deterministic random-weight built-in model")
     p.add_argument("dir")
-    p.add_argument("--preset", default="tiny", help="tiny | small | 1b | 8b")
+    p.add_argument("--preset", default="tiny", help="tiny | small | 1b | 8b | tiny-moe | 30b-a3b")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("bench", help="OpenAI streaming load generator")

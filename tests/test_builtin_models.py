@@ -178,12 +178,57 @@ def test_presets_shapes_and_parameter_counts():
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
         assert tuple(c[k] for k in keys) == shape
         assert c["torch_dtype"] == "bfloat16"
+    # Qwen3-30B-A3B: 128 experts, 8 per token, ~3.3B parameters active per token.
+    assert 29_500_000_000 <= parameter_count("30b-a3b") <= 30_500_000_000
+    c = model_config("30b-a3b")
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    assert tuple(c[k] for k in keys) == (2048, 48, 32, 4, 128)
+    assert (c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"]) == (128, 8, 768)
     for preset in PRESETS:
         c = model_config(preset)
-        assert c["model_type"] == "llama" and not c["tie_word_embeddings"]
+        assert c["model_type"] in ("llama", "qwen3_moe") and not c["tie_word_embeddings"]
         for tp in (2, 4):  # tensor parallelism over 2 or 4 ranks must split heads evenly
             assert c["num_attention_heads"] % tp == 0 and c["num_key_value_heads"] % tp == 0
-            assert c["intermediate_size"] % tp == 0
+            assert c["intermediate_size"] % tp == 0 and c.get("moe_intermediate_size", 0) % tp == 0
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_is_what_mlx_lm_builds(preset):
+    """The weights written are exactly the parameters of mlx-lm's model for the config written
+    (names and shapes; the model is built lazily, so `30b-a3b` costs nothing here)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    config = model_config(preset)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    assert {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())} == dict(tensor_specs(preset))
+
+
+def test_moe_preset_serves_like_mlx_lm(tmp_path):
+    """`tiny-moe` loads with mlx-lm, routes its tokens over many experts, and the engine's
+    one-rank path (load, fusion, executor) gives mlx-lm's own greedy tokens."""
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_cluster.cache.testing import generate, make_executor
+    from mlx_cluster.models.fuse import fuse_projections
+    from mlx_cluster.models.loader import load_model_shard
+
+    path = make_model(tmp_path / "tiny-moe", "tiny-moe")
+    model, tokenizer = load(str(path))
+    prompt = tokenizer.encode("The cluster serves every rank the same plan, and")
+    gate = model.model.layers[0].mlp.gate
+    h = model.model.embed_tokens(mx.array([prompt]))
+    chosen = mx.argpartition(-gate(h), 4, axis=-1)[..., :4]
+    assert len(set(chosen.flatten().tolist())) >= 8, "the router should spread tokens over the experts"
+    want = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12, sampler=make_sampler(temp=0.0))]
+
+    loaded = load_model_shard(str(path), mx.distributed.init())
+    fuse_projections(loaded.model)
+    [result] = generate(make_executor(loaded, None), [prompt], 12)
+    assert result.tokens == want
 
 
 def test_every_preset_has_several_files_within_limit():
@@ -220,7 +265,7 @@ def test_bfloat16_weights(tmp_path, monkeypatch):
 
 
 def test_make_model_errors(tmp_path):
-    with pytest.raises(ValueError, match="tiny, small, 1b, 8b"):
+    with pytest.raises(ValueError, match="tiny, small, 1b, 8b, tiny-moe, 30b-a3b"):
         make_model(tmp_path / "x", "huge")
     foreign = tmp_path / "foreign"
     foreign.mkdir()

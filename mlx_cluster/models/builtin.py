@@ -1,15 +1,21 @@
-"""Built-in deterministic random-weight models (`builtin:tiny`, `builtin:small`, `builtin:1b`, `builtin:8b`).
+"""Built-in deterministic random-weight models (`builtin:tiny`, `small`, `1b`, `8b`, `tiny-moe`, `30b-a3b`).
 
 They let the runtime, tests and benchmarks run without downloading anything: `make_model` writes a
 complete mlx-lm model directory (config, sharded safetensors + index, tokenizer, generation
 config) whose weights are random but fully determined by the preset, so every host of a cluster
 materialises byte-identical files on its own.
 
-All presets use mlx-lm's `llama` architecture (which implements `shard(group)` for tensor
+The dense presets use mlx-lm's `llama` architecture (which implements `shard(group)` for tensor
 parallelism) with untied embeddings. `1b` and `8b` copy the Llama-3.2-1B / Llama-3.1-8B layer
 shapes, but their vocabulary is the locally trained 32768-token tokenizer instead of Llama-3's
 128256, so they have fewer parameters than the real models (~1.11B and ~7.25B instead of 1.24B and
 8.03B) and a cheaper embedding / lm_head. Use `parameter_count(preset)` for the exact numbers.
+
+The mixture-of-experts presets use mlx-lm's `qwen3_moe` (q/k norms, a router, SwitchGLU experts
+stored stacked as mlx-lm's sanitize leaves them). `30b-a3b` copies Qwen3-30B-A3B's shapes (48
+layers, 128 experts of which 8 per token, ~3.3B active parameters) with the 32k vocabulary:
+30.0B parameters, 60 GB in bfloat16. `tiny-moe` is the same architecture at `tiny`'s scale, for
+tests on a CPU.
 
 The generated text is gibberish by design, but not degenerate: weights are scaled so that logits
 are spread out and the continuation depends on the whole prompt. The lm_head rows of the control
@@ -118,6 +124,41 @@ PRESETS: dict[str, dict] = {
         "torch_dtype": "bfloat16",
         "max_file_bytes": 5 * _GB,
     },
+    # Mixture of experts (mlx-lm's qwen3_moe); `model_type` picks the architecture (default llama).
+    "tiny-moe": {  # ~8M params, float32: the MoE path on a CPU
+        "model_type": "qwen3_moe",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
+        "intermediate_size": 704,  # a dense layer's; unused with every layer sparse
+        "moe_intermediate_size": 128,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "vocab_size": 2048,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "torch_dtype": "float32",
+        "max_file_bytes": 20 * _MB,
+    },
+    "30b-a3b": {  # Qwen3-30B-A3B shapes, 32k vocab
+        "model_type": "qwen3_moe",
+        "hidden_size": 2048,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "vocab_size": 32768,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "torch_dtype": "bfloat16",
+        "max_file_bytes": 5 * _GB,
+    },
 }
 
 # Weight scales (std of the uniform init). Fan-in scaling keeps every projection's output at
@@ -138,12 +179,16 @@ def _check_preset(preset: str) -> dict:
     return PRESETS[preset]
 
 
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
 def model_config(preset: str) -> dict:
-    """The config.json contents of a preset (mlx-lm / transformers llama format)."""
+    """The config.json contents of a preset (mlx-lm / transformers format of its model_type)."""
     settings = {k: v for k, v in _check_preset(preset).items() if k != "max_file_bytes"}
+    model_type = settings.get("model_type", "llama")
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "head_dim": settings["hidden_size"] // settings["num_attention_heads"],
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
@@ -153,9 +198,10 @@ def model_config(preset: str) -> dict:
         "bos_token_id": None,
         "eos_token_id": _eos_token_ids(),
         "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
-        **settings,
     }
-    return config
+    if model_type == "qwen3_moe":  # every layer sparse, top-k weights renormalized (as Qwen3-30B-A3B)
+        config.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    return {**config, **settings}
 
 
 def _eos_token_ids() -> list[int]:
@@ -164,11 +210,13 @@ def _eos_token_ids() -> list[int]:
 
 
 def tensor_specs(preset: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every weight, in file order, named as mlx-lm's llama Model expects."""
+    """(name, shape) of every weight, in file order, named as mlx-lm's model of the preset's
+    model_type expects (qwen3_moe: experts already stacked, as its sanitize would leave them)."""
     c = model_config(preset)
     hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q_dim = c["num_attention_heads"] * c["head_dim"]
     kv_dim = c["num_key_value_heads"] * c["head_dim"]
+    moe = c["model_type"] == "qwen3_moe"
     specs = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -178,11 +226,25 @@ def tensor_specs(preset: str) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.k_proj.weight", (kv_dim, hidden)),
             (p + "self_attn.v_proj.weight", (kv_dim, hidden)),
             (p + "self_attn.o_proj.weight", (hidden, q_dim)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
         ]
+        if moe:
+            experts, expert_inter = c["num_experts"], c["moe_intermediate_size"]
+            specs += [
+                (p + "self_attn.q_norm.weight", (c["head_dim"],)),
+                (p + "self_attn.k_norm.weight", (c["head_dim"],)),
+                (p + "post_attention_layernorm.weight", (hidden,)),
+                (p + "mlp.gate.weight", (experts, hidden)),
+                (p + "mlp.switch_mlp.gate_proj.weight", (experts, expert_inter, hidden)),
+                (p + "mlp.switch_mlp.up_proj.weight", (experts, expert_inter, hidden)),
+                (p + "mlp.switch_mlp.down_proj.weight", (experts, hidden, expert_inter)),
+            ]
+        else:
+            specs += [
+                (p + "post_attention_layernorm.weight", (hidden,)),
+                (p + "mlp.gate_proj.weight", (inter, hidden)),
+                (p + "mlp.up_proj.weight", (inter, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, inter)),
+            ]
     specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return specs
 
@@ -229,9 +291,9 @@ def init_tensor(name: str, shape: tuple[int, ...], dtype: str, zero_rows: list[i
     if name == "model.embed_tokens.weight":
         std = EMBED_STD
     elif name == "lm_head.weight":
-        std = LOGIT_STD / math.sqrt(shape[1])
+        std = LOGIT_STD / math.sqrt(shape[-1])
     else:
-        std = 1.0 / math.sqrt(shape[1])  # fan-in scaling, see EMBED_STD / LOGIT_STD
+        std = 1.0 / math.sqrt(shape[-1])  # fan-in scaling (the last axis, also of stacked experts)
     width = std * math.sqrt(12.0)  # uniform over an interval of width w has std w / sqrt(12)
     weight = (mx.random.uniform(shape=shape, key=mx.random.key(tensor_seed(name))) - 0.5) * width
     if zero_rows:
