@@ -8,13 +8,17 @@ time per product (50 queued, then evaluated) and the host time spent encoding it
   tc        tc_small_matmul.py: the same idea on the tensor cores (mma.sync), a prototype
   splitK S  K split in S slices, a batched product, then a sum (--split-k)
   wx^T      the transposed product (--split-k)
+  gather    mx.gather_mm with every row on one weight, sorted (--gather): mlx's CUTLASS grouped
+            GEMM, one kernel node instead of a cuBLAS call
+  bgemv     the rows as a batch of M=1 products on a strided view (--gather): mlx's gemv per
+            row, the weight read once per row
 
 Findings on an H200 (docs/benchmarks.md, "Small matmuls on CUDA"): cuBLAS's path costs 15-28 us
 of host encoding per product at M >= 2 against ~6 at M = 1; the skinny kernel encodes in ~6 us
 but its FMAs (no tensor cores) make it slower than cuBLAS on the large shapes; split-K and the
 transposed product are slower everywhere. Needs a CUDA device:
 
-    python3 benchmarks/cuda_small_matmul.py [--skinny] [--split-k] [--sweep]
+    python3 benchmarks/cuda_small_matmul.py [--skinny] [--split-k] [--gather] [--sweep]
 
 --sweep times small_matmul's block layouts (columns per block, warps splitting K) at M = 8.
 """
@@ -151,6 +155,8 @@ def row(w: mx.array, m: int, split_k: bool) -> str:
         sk_s = f"skinny failed: {str(e)[:300]}"
     pl = timeit(lambda: x @ w.T)
     line = f"  M={m}: cublas {pl[0]:.1f} / {pl[1]:.1f}{tc_s}   {sk_s}"
+    if "--gather" in sys.argv:
+        line += "   " + gather_cells(x, w, ref)
     if split_k:
         line += f"\n        wx^T {timeit(lambda: (w @ x.T).T)[0]:.1f}"
         for s in (2, 4, 8):
@@ -158,6 +164,29 @@ def row(w: mx.array, m: int, split_k: bool) -> str:
             xs = x.reshape(m, s, k // s).transpose(1, 0, 2)  # (S, M, K/S)
             line += f"  splitK{s} {timeit(lambda ws=ws, xs=xs: (xs @ ws.transpose(0, 2, 1)).sum(axis=0))[0]:.1f}"
     return line
+
+
+def gather_cells(x: mx.array, w: mx.array, ref: mx.array) -> str:
+    """The two routes around cuBLAS that mlx itself offers (see the docstring)."""
+    m, k = x.shape
+    rows = mx.zeros((m,), dtype=mx.uint32)
+    wt = w.T[None]  # (1, K, N), a transposed view
+
+    def gather():
+        return mx.gather_mm(x[:, None, :], wt, rhs_indices=rows, sorted_indices=True).reshape(m, -1)
+
+    def bgemv():  # strides (K, 1, 1): read as a transposed (1, K) matrix, so never merged into M
+        return (mx.as_strided(x, (m, 1, k), (k, 1, 1)) @ w.T).reshape(m, -1)
+
+    cells = []
+    for name, f in (("gather", gather), ("bgemv", bgemv)):
+        try:
+            err = max_error(f(), ref)
+            t = timeit(f)
+            cells.append(f"{name} {t[0]:.1f} / {t[1]:.1f} (err {err:.2g})")
+        except Exception as e:  # no CUDA route for this shape in this mlx: a finding too
+            cells.append(f"{name} failed: {str(e)[:160]}")
+    return "  ".join(cells)
 
 
 def sweep() -> None:

@@ -13,9 +13,9 @@ shapes, but their vocabulary is the locally trained 32768-token tokenizer instea
 
 The mixture-of-experts presets use mlx-lm's `qwen3_moe` (q/k norms, a router, SwitchGLU experts
 stored stacked as mlx-lm's sanitize leaves them). `30b-a3b` copies Qwen3-30B-A3B's shapes (48
-layers, 128 experts of which 8 per token, ~3.3B active parameters) with the 32k vocabulary:
-30.0B parameters, 60 GB in bfloat16. `tiny-moe` is the same architecture at `tiny`'s scale, for
-tests on a CPU.
+layers, 128 experts of which 8 per token) with the 32k vocabulary: 30.0B parameters, 60 GB in
+bfloat16, ~2.8B of them active per token. `tiny-moe` is the same architecture at `tiny`'s
+scale, for tests on a CPU.
 
 The generated text is gibberish by design, but not degenerate: weights are scaled so that logits
 are spread out and the continuation depends on the whole prompt. The lm_head rows of the control
