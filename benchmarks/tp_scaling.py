@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import bench_ours, summary_row  # noqa: E402
+from compare import bench_ours, preset_model, summary_row  # noqa: E402
 
 KEYS = ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms", "completion_tokens")
 
@@ -44,13 +43,7 @@ def main() -> None:
     args = p.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mlxc-tp-"))
-    model = args.model or str(workdir / args.preset)
-    if args.model is None:
-        subprocess.run(
-            [sys.executable, "-m", "mlx_cluster", "make-model", model, "--preset", args.preset],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    model = preset_model(args, workdir)
     layouts = tuple(dict.fromkeys((1, *args.ranks)))
     results: dict = {"preset": args.preset, "ranks": args.ranks, "model": model, "runs": []}
     for concurrency in args.concurrency:
